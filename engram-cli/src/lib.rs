@@ -1,0 +1,45 @@
+//! # engram-cli
+//!
+//! The `engram` command and the library behind it, so tests can call what the command
+//! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
+//! `golden` (check a golden forward file end to end).
+
+pub mod golden;
+pub mod text;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use engram_core::compress::VocabCompression;
+use tokenizers::Tokenizer;
+
+/// A tokenizer and its Engram compression, loaded from one `tokenizer.json`.
+pub struct TokenizerContext {
+    pub tokenizer: Tokenizer,
+    pub compression: VocabCompression,
+}
+
+impl TokenizerContext {
+    pub fn load(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            anyhow::bail!("tokenizer {}: no such file", path.display());
+        }
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("tokenizer {}: cannot load: {e}", path.display()))?;
+        let compression = VocabCompression::from_tokenizer(&tokenizer)
+            .with_context(|| format!("tokenizer {}", path.display()))?;
+        Ok(Self {
+            tokenizer,
+            compression,
+        })
+    }
+
+    /// Token ids of `text`, with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("cannot tokenize text: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+}

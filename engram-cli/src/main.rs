@@ -1,0 +1,97 @@
+//! The `engram` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use engram_cli::golden::{format_report, run_golden, GoldenBackend};
+use engram_cli::{text, TokenizerContext};
+use engram_core::config::HashConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "engram",
+    version,
+    about = "Engram conditional memory: hashing, tables and layers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compress a tokenizer's vocabulary; prints {"vocab_size", "compressed_vocab_size", "lookup_sha256_i64le"}.
+    Vocab {
+        #[arg(long)]
+        tokenizer: PathBuf,
+    },
+    /// Tokenize a text (no special tokens) and print its ids and per-layer rows as JSON.
+    Hash {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Engram config: golden form, a model's config.json, or a bare engram object.
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
+    /// Check a golden forward file: hashes and outputs of every sample and layer.
+    Golden {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        file: PathBuf,
+        #[arg(long, value_enum, default_value_t = GoldenBackend::Reference)]
+        backend: GoldenBackend,
+        /// Also write what was computed, under the golden file's names.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Vocab { tokenizer } => {
+            let ctx = TokenizerContext::load(&tokenizer)?;
+            println!("{}", text::vocab_json(&ctx));
+        }
+        Command::Hash {
+            tokenizer,
+            config,
+            text,
+        } => {
+            let cfg = HashConfig::from_json_file(&config)?;
+            let ctx = TokenizerContext::load(&tokenizer)?;
+            println!("{}", text::hash_json(&ctx, &cfg, &text)?);
+        }
+        Command::Golden {
+            tokenizer,
+            file,
+            backend,
+            dump,
+        } => {
+            let ctx = TokenizerContext::load(&tokenizer)?;
+            let report = run_golden(&ctx, &file, backend, dump.as_deref())?;
+            print!("{}", format_report(&report));
+            if !report.passed() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

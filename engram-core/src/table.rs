@@ -1,0 +1,117 @@
+//! The table-store trait: rows by index into a caller's buffer.
+//!
+//! A store owns one Engram layer's embedding table (`sum(primes)` rows of `head_dim`
+//! columns). Backends provide stores in RAM, memory-mapped from disk, or on a device;
+//! the core provides [`DenseTable`], a plain f32 table for the reference math and tests.
+
+use crate::dtype::RowDtype;
+use crate::error::{EngramError, Result};
+
+/// A table of rows that can be gathered by row id.
+pub trait TableStore: Send + Sync {
+    /// A name for messages (file and tensor, typically).
+    fn name(&self) -> &str;
+    fn num_rows(&self) -> u64;
+    /// Columns of one row.
+    fn width(&self) -> usize;
+    fn dtype(&self) -> RowDtype;
+
+    /// Copies rows `row_ids` into `out` (`[row_ids.len(), width]`, row-major), converted
+    /// to f32 (V4.1 rows dequantized and rounded to bf16, as the model sees them).
+    fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()>;
+
+    /// Bytes one row occupies in the store.
+    fn row_bytes(&self) -> usize {
+        self.dtype().row_bytes(self.width())
+    }
+
+    /// Checks ids and output size before a gather.
+    fn check_gather(&self, row_ids: &[u64], out_len: usize) -> Result<()> {
+        let expected = row_ids.len() * self.width();
+        if out_len != expected {
+            return Err(EngramError::shape(
+                format!("gather output of `{}`", self.name()),
+                format!(
+                    "{} rows x {} columns = {expected}",
+                    row_ids.len(),
+                    self.width()
+                ),
+                out_len,
+            ));
+        }
+        if let Some(&row) = row_ids.iter().find(|&&r| r >= self.num_rows()) {
+            return Err(EngramError::RowOutOfRange {
+                row,
+                rows: self.num_rows(),
+                table: self.name().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// An f32 table held in a `Vec` (reference math, tests, small checkpoints).
+#[derive(Clone, Debug)]
+pub struct DenseTable {
+    name: String,
+    width: usize,
+    data: Vec<f32>,
+}
+
+impl DenseTable {
+    pub fn new(name: impl Into<String>, width: usize, data: Vec<f32>) -> Result<Self> {
+        let name = name.into();
+        if width == 0 || !data.len().is_multiple_of(width) {
+            return Err(EngramError::shape(
+                format!("table `{name}`"),
+                format!("a multiple of the row width {width}"),
+                data.len(),
+            ));
+        }
+        Ok(Self { name, width, data })
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+}
+
+impl TableStore for DenseTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn num_rows(&self) -> u64 {
+        (self.data.len() / self.width) as u64
+    }
+    fn width(&self) -> usize {
+        self.width
+    }
+    fn dtype(&self) -> RowDtype {
+        RowDtype::F32
+    }
+    fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()> {
+        self.check_gather(row_ids, out.len())?;
+        let w = self.width;
+        for (dst, &row) in out.chunks_exact_mut(w).zip(row_ids) {
+            let start = row as usize * w;
+            dst.copy_from_slice(&self.data[start..start + w]);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_checks_ids_and_sizes() {
+        let t = DenseTable::new("t", 2, vec![0.0, 1.0, 2.0, 3.0]).unwrap();
+        let mut out = vec![0.0; 4];
+        t.gather_f32(&[1, 0], &mut out).unwrap();
+        assert_eq!(out, [2.0, 3.0, 0.0, 1.0]);
+        let e = t.gather_f32(&[2, 0], &mut out).unwrap_err().to_string();
+        assert!(e.contains("row id 2") && e.contains("`t`"), "{e}");
+        assert!(t.gather_f32(&[0], &mut out).is_err());
+    }
+}

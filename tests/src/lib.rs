@@ -1,0 +1,19 @@
+//! # engram-tests
+//!
+//! Integration and snapshot tests of the whole workspace. The golden vectors from the
+//! original PyTorch implementation live in `data/` (see `data/GOLDEN.md`); this library
+//! holds what the tests share: paths to that data and small readers for it.
+
+use std::path::PathBuf;
+
+/// `tests/data/<name>` inside this repository.
+pub fn data_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("data")
+        .join(name)
+}
+
+/// The DeepSeek-V4 tokenizer used by every golden file.
+pub fn tokenizer_path() -> PathBuf {
+    data_path("deepseek-v4-tokenizer/tokenizer.json")
+}
