@@ -4,3 +4,5 @@
 //! a multi-threaded row gather, the fused gate and short conv of both layer variants on
 //! a real GEMM, and per-sequence decode state. It is also the oracle the CUDA backend is
 //! checked against.
+
+pub mod layer;

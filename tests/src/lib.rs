@@ -17,3 +17,11 @@ pub fn data_path(name: &str) -> PathBuf {
 pub fn tokenizer_path() -> PathBuf {
     data_path("deepseek-v4-tokenizer/tokenizer.json")
 }
+
+/// The test tokenizer and its compression, loaded once per test binary.
+pub fn tokenizer() -> &'static engram_cli::TokenizerContext {
+    static CTX: std::sync::OnceLock<engram_cli::TokenizerContext> = std::sync::OnceLock::new();
+    CTX.get_or_init(|| {
+        engram_cli::TokenizerContext::load(&tokenizer_path()).expect("test tokenizer loads")
+    })
+}
