@@ -12,7 +12,8 @@
 //! - [`hashing`]: n-gram hashing of whole batches and of one sequence token by token;
 //! - [`table`], [`backend`]: the traits a backend implements (table store, layer);
 //! - [`checkpoint`]: loading and validating layer weights from safetensors;
-//! - [`reference`]: the exact f32/f64 reference forward of both layer variants.
+//! - [`reference`]: the exact f32/f64 reference forward of both layer variants;
+//! - [`sequence`]: per-sequence decode state and the hashing stage of a batched step.
 
 pub mod backend;
 pub mod checkpoint;
@@ -24,6 +25,8 @@ pub mod hashing;
 pub mod numpy_rng;
 pub mod primes;
 pub mod reference;
+pub mod sequence;
 pub mod table;
+pub mod testing;
 
 pub use error::{EngramError, Result};
