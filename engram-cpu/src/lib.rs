@@ -6,3 +6,6 @@
 //! checked against.
 
 pub mod layer;
+pub mod table;
+
+pub use table::CpuTable;

@@ -4,3 +4,24 @@
 //! weights, computes row indices at the start of each step, prefetches rows in the
 //! background while the host's earlier layers run, and applies Engram to the host's
 //! hidden states (candle tensors) at each Engram layer.
+//!
+//! A host drives it like this, once per forward pass:
+//! ```text
+//! let mut step = runtime.begin_step(&inputs, &ended)?;   // hash + start fetching
+//! for layer in 0..n_layers {
+//!     if runtime.is_engram_layer(layer) { xs = step.apply(layer, &xs)?; }
+//!     xs = block(layer, xs);
+//! }
+//! let stats = step.finish();                              // rows, bytes, fetch vs exposed
+//! ```
+
+pub mod error;
+pub mod prefetch;
+pub mod runtime;
+pub mod stats;
+pub mod step;
+
+pub use error::{PluginError, Result};
+pub use runtime::{EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput};
+pub use stats::LookupStats;
+pub use step::Step;

@@ -13,6 +13,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
+/// A config edit and the field its error must name.
+type ConfigCase = (&'static str, Box<dyn Fn(&mut serde_json::Value)>);
+
 fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> std::path::PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, value.to_string()).unwrap();
@@ -28,7 +31,7 @@ fn demo_meta() -> serde_json::Value {
 #[test]
 fn bad_configs_name_the_field_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<ConfigCase> = vec![
         (
             "max_ngram_size",
             Box::new(|v| v["engram"]["max_ngram_size"] = json!(1)),

@@ -33,7 +33,7 @@ impl Projection {
     /// `out [tokens, out_dim] = x [tokens, in_dim] @ W^T`, overwriting `out`.
     pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
         let (n, k) = (self.out_dim, self.in_dim);
-        assert!(k > 0 && x.len() % k == 0, "projection input size");
+        assert!(k > 0 && x.len().is_multiple_of(k), "projection input size");
         let m = x.len() / k;
         assert_eq!(out.len(), m * n, "projection output size");
         if m == 0 || n == 0 {

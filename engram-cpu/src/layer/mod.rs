@@ -3,10 +3,10 @@
 //! over every token of the batch, then fused per-token loops (gate, value, and for the
 //! paper variant the short conv), parallel over tokens when the batch is large.
 //!
-//! - [`matmul`]: the GEMM;
-//! - [`paper`]: SPEC section 6 (keys + value, gate, short conv with per-sequence state);
-//! - [`v41`]: SPEC section 7 (fused wkv, bf16 kv, gate, bf16 output, dead tokens);
-//! - [`scratch`]: work buffers reused across forwards.
+//! - `matmul`: the GEMM;
+//! - `paper`: SPEC section 6 (keys + value, gate, short conv with per-sequence state);
+//! - `v41`: SPEC section 7 (fused wkv, bf16 kv, gate, bf16 output, dead tokens);
+//! - `scratch`: work buffers reused across forwards.
 
 mod matmul;
 mod paper;

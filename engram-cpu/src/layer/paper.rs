@@ -149,9 +149,6 @@ impl PaperLayer {
     fn gate_pass(&self, kv: &[f32], hidden: &[f32], out: &mut [f32], z: &mut [f32]) {
         let (c, n) = (self.g * self.d, self.proj.out_dim());
         let tokens = out.len() / c;
-        let run = |(((o, z), kv), x): (((&mut [f32], &mut [f32]), &[f32]), &[f32])| {
-            self.gate_token(kv, x, o, z)
-        };
         match token_grain(tokens, 3 * c) {
             Some(grain) => out
                 .par_chunks_mut(c)
@@ -159,13 +156,13 @@ impl PaperLayer {
                 .zip(kv.par_chunks(n))
                 .zip(hidden.par_chunks(c))
                 .with_min_len(grain)
-                .for_each(run),
+                .for_each(|(((o, z), kv), x)| self.gate_token(kv, x, o, z)),
             None => out
                 .chunks_mut(c)
                 .zip(z.chunks_mut(c))
                 .zip(kv.chunks(n))
                 .zip(hidden.chunks(c))
-                .for_each(run),
+                .for_each(|(((o, z), kv), x)| self.gate_token(kv, x, o, z)),
         }
     }
 

@@ -69,7 +69,8 @@ impl V41Layer {
         let tokens = out.len() / c;
         let kv = sized(&mut s.kv, tokens * n);
         self.proj.apply(embeddings, kv);
-        let run = |(t, ((o, kv), x)): (usize, ((&mut [f32], &mut [f32]), &[f32]))| {
+        // Dead tokens (image spans) pass through with gate 0.
+        let token = |t: usize, o: &mut [f32], kv: &mut [f32], x: &[f32]| {
             if dead.is_some_and(|m| m[t]) {
                 o.copy_from_slice(x);
             } else {
@@ -83,13 +84,13 @@ impl V41Layer {
                 .zip(hidden.par_chunks(c))
                 .enumerate()
                 .with_min_len(grain)
-                .for_each(run),
+                .for_each(|(t, ((o, kv), x))| token(t, o, kv, x)),
             None => out
                 .chunks_mut(c)
                 .zip(kv.chunks_mut(n))
                 .zip(hidden.chunks(c))
                 .enumerate()
-                .for_each(run),
+                .for_each(|(t, ((o, kv), x))| token(t, o, kv, x)),
         }
     }
 

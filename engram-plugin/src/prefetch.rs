@@ -1,0 +1,102 @@
+//! The background row fetcher: one worker thread that gathers each layer's rows as soon
+//! as the step's hashes are known, so the host's earlier layers hide the table latency.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use engram_core::table::TableStore;
+
+/// Gathered rows of one layer, or the error that stopped the gather.
+pub type Fetched = std::result::Result<Vec<f32>, String>;
+
+/// Where a fetch's result lands; the host waits on it.
+#[derive(Default)]
+pub struct FetchSlot {
+    result: Mutex<Option<(Fetched, Duration)>>,
+    ready: Condvar,
+}
+
+impl FetchSlot {
+    fn fill(&self, value: Fetched, took: Duration) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some((value, took));
+        self.ready.notify_all();
+    }
+
+    /// Blocks until the rows are there; returns them, the fetch time and the wait.
+    pub fn wait(&self) -> (Fetched, Duration, Duration) {
+        let start = Instant::now();
+        let mut guard = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        while guard.is_none() {
+            guard = self.ready.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+        let (value, took) = guard.take().expect("checked above");
+        (value, took, start.elapsed())
+    }
+}
+
+/// A gather to run: rows of `table` into a fresh buffer.
+pub struct FetchJob {
+    pub table: Arc<dyn TableStore>,
+    pub rows: Arc<Vec<u64>>,
+    pub slot: Arc<FetchSlot>,
+}
+
+impl FetchJob {
+    /// Runs the gather here and fills the slot (used by the worker and by synchronous mode).
+    pub fn run(self) {
+        let start = Instant::now();
+        let mut out = vec![0f32; self.rows.len() * self.table.width()];
+        let result = self
+            .table
+            .gather_f32(&self.rows, &mut out)
+            .map(|()| out)
+            .map_err(|e| e.to_string());
+        self.slot.fill(result, start.elapsed());
+    }
+}
+
+/// The worker thread and its queue; jobs run in submission order (layer order).
+pub struct Prefetcher {
+    sender: Option<Sender<FetchJob>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    pub fn spawn() -> std::io::Result<Self> {
+        let (sender, receiver) = channel::<FetchJob>();
+        let worker = std::thread::Builder::new()
+            .name("engram-prefetch".into())
+            .spawn(move || {
+                for job in receiver {
+                    job.run();
+                }
+            })?;
+        Ok(Self {
+            sender: Some(sender),
+            worker: Some(worker),
+        })
+    }
+
+    /// Queues a job; if the worker is gone, runs it on the caller's thread instead.
+    pub fn submit(&self, job: FetchJob) {
+        match &self.sender {
+            Some(s) => {
+                if let Err(failed) = s.send(job) {
+                    failed.0.run();
+                }
+            }
+            None => job.run(),
+        }
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}

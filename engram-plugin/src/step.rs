@@ -1,0 +1,203 @@
+//! One forward pass of the host: rows were hashed and their fetch started when the step
+//! began; at each Engram layer the host hands over its hidden states and gets them back
+//! with Engram applied, waiting only for rows not yet fetched.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use engram_core::sequence::{layer_segments, SequenceState, StepRows};
+
+use crate::error::{PluginError, Result};
+use crate::prefetch::{FetchJob, FetchSlot};
+use crate::runtime::{EngramRuntime, Padding};
+use crate::stats::LookupStats;
+
+/// A layer's rows: queued on the prefetch thread, or to be gathered when asked for.
+pub(crate) enum PendingFetch {
+    Queued(Arc<FetchSlot>),
+    Deferred(FetchJob),
+    Consumed,
+}
+
+pub struct Step<'r> {
+    runtime: &'r EngramRuntime,
+    states: Vec<(u64, SequenceState)>,
+    rows: StepRows,
+    fetches: Vec<PendingFetch>,
+    stats: LookupStats,
+    closed: bool,
+}
+
+impl<'r> Step<'r> {
+    pub(crate) fn new(
+        runtime: &'r EngramRuntime,
+        states: Vec<(u64, SequenceState)>,
+        rows: StepRows,
+        fetches: Vec<PendingFetch>,
+    ) -> Self {
+        let tokens = rows.tokens() as u64;
+        let row_count: u64 = rows.rows.iter().map(|r| r.len() as u64).sum();
+        let bytes: u64 = runtime
+            .layers()
+            .iter()
+            .zip(&rows.rows)
+            .map(|(l, r)| (r.len() * l.table.row_bytes()) as u64)
+            .sum();
+        Self {
+            runtime,
+            states,
+            rows,
+            fetches,
+            stats: LookupStats {
+                steps: 1,
+                tokens,
+                rows_fetched: row_count,
+                bytes_fetched: bytes,
+                ..Default::default()
+            },
+            closed: false,
+        }
+    }
+
+    /// New tokens of each sequence, in batch order.
+    pub fn lens(&self) -> &[usize] {
+        &self.rows.lens
+    }
+
+    /// Row ids (offsets added) of Engram layer `layer_id`, `[tokens, heads]`.
+    pub fn row_ids(&self, layer_id: usize) -> Result<&[u64]> {
+        Ok(&self.rows.rows[self.runtime.config().layer_index(layer_id)?])
+    }
+
+    /// Applies Engram layer `layer_id` to packed hidden states `[tokens, hc_mult*hidden]`
+    /// (each sequence's new tokens back to back, in batch order) and returns the new
+    /// hidden states (the residual stream after Engram), same layout.
+    pub fn apply_packed(&mut self, layer_id: usize, hidden: &[f32]) -> Result<Vec<f32>> {
+        let cfg = self.runtime.config();
+        let l = cfg.layer_index(layer_id)?;
+        let emb = self.take_rows(l, layer_id)?;
+        let mut out = vec![0f32; hidden.len()];
+        let mut refs: Vec<&mut SequenceState> = self.states.iter_mut().map(|(_, s)| s).collect();
+        let mut segments = layer_segments(&mut refs, &self.rows.lens, l);
+        self.runtime.layers()[l].layer.forward(
+            hidden,
+            &emb,
+            self.rows.dead.as_deref(),
+            &mut segments,
+            &mut out,
+        )?;
+        if cfg.variant.output_is_delta() {
+            for (o, h) in out.iter_mut().zip(hidden) {
+                *o += h;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies Engram layer `layer_id` to the host's hidden states `[B, T, C]` or
+    /// `[B, T, hc_mult, hidden]` (B = sequences of the step in order; each sequence's new
+    /// tokens along T as the runtime's [`Padding`] says). Returns the same shape, dtype
+    /// and device; padding positions are returned unchanged.
+    pub fn apply(&mut self, layer_id: usize, hidden: &Tensor) -> Result<Tensor> {
+        let cfg = self.runtime.config();
+        let c = cfg.branch_channels();
+        let dims = hidden.dims().to_vec();
+        let (b, t) = match dims.as_slice() {
+            [b, t, rest @ ..] if rest.iter().product::<usize>() == c && !rest.is_empty() => (*b, *t),
+            _ => {
+                return Err(PluginError::Step(format!(
+                    "hidden states of Engram layer {layer_id} have shape {dims:?}; expected [batch, tokens, {c}] or [batch, tokens, {}, {}]",
+                    cfg.hc_mult, cfg.hidden_size
+                )))
+            }
+        };
+        let lens = self.rows.lens.clone();
+        if b != lens.len() || lens.iter().any(|&n| n > t) {
+            return Err(PluginError::Step(format!(
+                "hidden states of Engram layer {layer_id} have shape {dims:?}, but the step has {} sequences of {:?} new tokens",
+                lens.len(),
+                lens
+            )));
+        }
+        let (dtype, device) = (hidden.dtype(), hidden.device().clone());
+        let mut full = hidden
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let start_of = |seq: usize, len: usize| match self.runtime.options().padding {
+            Padding::Right => seq * t,
+            Padding::Left => seq * t + t - len,
+        };
+        let mut packed = Vec::with_capacity(lens.iter().sum::<usize>() * c);
+        for (seq, &len) in lens.iter().enumerate() {
+            let s = start_of(seq, len);
+            packed.extend_from_slice(&full[s * c..(s + len) * c]);
+        }
+        let updated = self.apply_packed(layer_id, &packed)?;
+        let mut at = 0;
+        for (seq, &len) in lens.iter().enumerate() {
+            let s = start_of(seq, len);
+            full[s * c..(s + len) * c].copy_from_slice(&updated[at * c..(at + len) * c]);
+            at += len;
+        }
+        Ok(Tensor::from_vec(full, dims, &candle_core::Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(&device)?)
+    }
+
+    /// Ends the step: states go back to the runtime, stats are recorded and returned.
+    pub fn finish(mut self) -> LookupStats {
+        self.close();
+        self.stats
+    }
+
+    fn take_rows(&mut self, l: usize, layer_id: usize) -> Result<Vec<f32>> {
+        let (fetched, took, waited) =
+            match std::mem::replace(&mut self.fetches[l], PendingFetch::Consumed) {
+                PendingFetch::Queued(slot) => slot.wait(),
+                PendingFetch::Deferred(job) => {
+                    let slot = job.slot.clone();
+                    job.run();
+                    let (value, took, _) = slot.wait();
+                    // Fetching inside `apply` is all exposed.
+                    (value, took, took)
+                }
+                PendingFetch::Consumed => {
+                    return Err(PluginError::Step(format!(
+                        "Engram layer {layer_id} was applied twice in one step"
+                    )))
+                }
+            };
+        self.stats.fetch_time += took;
+        self.stats.exposed_wait += waited;
+        fetched.map_err(|message| PluginError::Fetch { layer_id, message })
+    }
+
+    fn close(&mut self) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        // Rows never asked for still had to be fetched; wait so the stats stay whole.
+        for (l, f) in self.fetches.iter_mut().enumerate() {
+            if !matches!(f, PendingFetch::Consumed) {
+                tracing::warn!(
+                    layer = self.runtime.layers()[l].layer_id,
+                    "Engram layer not applied in this step"
+                );
+            }
+            if let PendingFetch::Queued(slot) = std::mem::replace(f, PendingFetch::Consumed) {
+                let (_, took, _) = slot.wait();
+                self.stats.fetch_time += took;
+            }
+        }
+        self.stats.evicted_sequences = self.runtime.return_states(std::mem::take(&mut self.states));
+        self.runtime.record(&self.stats);
+    }
+}
+
+impl Drop for Step<'_> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

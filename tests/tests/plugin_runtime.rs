@@ -1,0 +1,421 @@
+//! The plugin runtime driven like a host engine: random batches, sequences joining and
+//! ending, prefill chunks and decode steps, through candle tensors. Every output equals
+//! the whole-sequence reference forward; state stays bounded; errors stay errors.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+use engram_core::backend::{EngramLayer, Segment};
+use engram_core::compress::VocabCompression;
+use engram_core::config::Variant;
+use engram_core::hashing::NgramHasher;
+use engram_core::reference::ReferenceLayer;
+use engram_core::table::{DenseTable, TableStore};
+use engram_core::testing::{random_hidden, TestRng};
+use engram_plugin::{
+    EngramRuntime, Padding, PluginError, RuntimeLayer, RuntimeOptions, SequenceInput,
+};
+use engram_tests::{fixture, Fixture};
+
+fn runtime(fx: &Fixture, options: RuntimeOptions) -> EngramRuntime {
+    let layers = fx
+        .cfg
+        .hash
+        .layer_ids
+        .iter()
+        .zip(&fx.tables)
+        .zip(&fx.weights)
+        .map(|((&layer_id, table), w)| RuntimeLayer {
+            layer_id,
+            table: Arc::new(table.clone()),
+            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
+        })
+        .collect();
+    // Raw ids are their own compressed ids here; the pad id (0) maps to 0.
+    let identity =
+        VocabCompression::from_lookup((0..fx.compressed_vocab as u32).collect()).unwrap();
+    EngramRuntime::from_parts(fx.cfg.clone(), Arc::new(identity), layers, options).unwrap()
+}
+
+struct Sequence {
+    id: u64,
+    tokens: Vec<u32>,
+    dead: Vec<bool>,
+    /// Host hidden states per Engram layer, and the expected residual after Engram.
+    hidden: Vec<Vec<f32>>,
+    expected: Vec<Vec<f32>>,
+    fed: usize,
+}
+
+fn new_sequence(fx: &Fixture, id: u64, rng: &mut TestRng) -> Sequence {
+    let cfg = &fx.cfg;
+    let t = 1 + rng.below(30) as usize;
+    let tokens: Vec<u32> = (0..t)
+        .map(|_| rng.below(fx.compressed_vocab as u64) as u32)
+        .collect();
+    let dead: Vec<bool> = (0..t)
+        .map(|_| cfg.variant == Variant::V41 && rng.below(6) == 0)
+        .collect();
+    let ids: Vec<i64> = tokens.iter().map(|&x| x as i64).collect();
+    let (c, e, heads) = (
+        cfg.branch_channels(),
+        cfg.embed_dim(),
+        cfg.heads_per_layer(),
+    );
+    let mut hidden = Vec::new();
+    let mut expected = Vec::new();
+    for (l, (&layer_id, w)) in cfg.hash.layer_ids.iter().zip(&fx.weights).enumerate() {
+        let h = random_hidden(cfg, t, rng);
+        let mut rows = vec![0u64; t * heads];
+        fx.hasher
+            .hash_sequence(l, &ids, Some(&dead), true, &mut rows)
+            .unwrap();
+        let mut emb = vec![0f32; t * e];
+        fx.tables[l].gather_f32(&rows, &mut emb).unwrap();
+        let layer = ReferenceLayer::new(cfg.clone(), layer_id, w.clone()).unwrap();
+        let mut out = vec![0f32; t * c];
+        layer
+            .forward(&h, &emb, Some(&dead), &mut [Segment::fresh(t)], &mut out)
+            .unwrap();
+        if cfg.variant.output_is_delta() {
+            out.iter_mut().zip(&h).for_each(|(o, x)| *o += x);
+        }
+        hidden.push(h);
+        expected.push(out);
+    }
+    Sequence {
+        id,
+        tokens,
+        dead,
+        hidden,
+        expected,
+        fed: 0,
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn drive_like_a_host(variant: Variant, padding: Padding, prefetch: bool, seed: u64) {
+    let fx = fixture(
+        variant,
+        if variant == Variant::V41 { 2 } else { 3 },
+        32,
+        seed,
+    );
+    let rt = runtime(
+        &fx,
+        RuntimeOptions {
+            max_sequences: 64,
+            prefetch,
+            padding,
+        },
+    );
+    let mut rng = TestRng::new(seed * 7 + 1);
+    let c = fx.cfg.branch_channels();
+    let mut active: Vec<Sequence> = Vec::new();
+    let mut next_id = 1000;
+    let mut finished = Vec::new();
+    let mut worst = 0f64;
+    for _ in 0..60 {
+        while active.len() < 4 && rng.below(3) != 0 {
+            active.push(new_sequence(&fx, next_id, &mut rng));
+            next_id += 1;
+        }
+        if active.is_empty() {
+            continue;
+        }
+        // Each active sequence takes a prefill chunk or a single decode token.
+        let chunks: Vec<(usize, usize)> = active
+            .iter()
+            .map(|s| {
+                let left = s.tokens.len() - s.fed;
+                let n = if s.fed == 0 || rng.below(3) == 0 {
+                    1 + rng.below(left as u64) as usize
+                } else {
+                    1
+                };
+                (s.fed, n.min(left))
+            })
+            .collect();
+        let inputs: Vec<SequenceInput<'_>> = active
+            .iter()
+            .zip(&chunks)
+            .map(|(s, &(pos, n))| SequenceInput {
+                seq_id: s.id,
+                tokens: &s.tokens[pos..pos + n],
+                position: pos,
+                dead: Some(&s.dead[pos..pos + n]),
+                context: None,
+            })
+            .collect();
+        let mut step = rt
+            .begin_step(&inputs, &std::mem::take(&mut finished))
+            .unwrap();
+        let t = chunks.iter().map(|c| c.1).max().unwrap() + rng.below(3) as usize;
+        for (l, &layer_id) in fx.cfg.hash.layer_ids.iter().enumerate() {
+            // Padded [B, T, C] with garbage in the padding, which must come back unchanged.
+            let mut host = rng.vec(active.len() * t * c, 5.0);
+            for (b, (s, &(pos, n))) in active.iter().zip(&chunks).enumerate() {
+                let at = match padding {
+                    Padding::Right => b * t,
+                    Padding::Left => b * t + t - n,
+                };
+                host[at * c..(at + n) * c].copy_from_slice(&s.hidden[l][pos * c..(pos + n) * c]);
+            }
+            let xs = Tensor::from_vec(host.clone(), (active.len(), t, c), &Device::Cpu).unwrap();
+            let ys = step
+                .apply(layer_id, &xs)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (b, (s, &(pos, n))) in active.iter().zip(&chunks).enumerate() {
+                let at = match padding {
+                    Padding::Right => b * t,
+                    Padding::Left => b * t + t - n,
+                };
+                worst = worst.max(rel_err(
+                    &ys[at * c..(at + n) * c],
+                    &s.expected[l][pos * c..(pos + n) * c],
+                ));
+                let (pad_before, pad_after) = (b * t..at, at + n..(b + 1) * t);
+                for r in pad_before.chain(pad_after) {
+                    assert_eq!(
+                        ys[r * c..(r + 1) * c],
+                        host[r * c..(r + 1) * c],
+                        "padding row {r} changed"
+                    );
+                }
+            }
+        }
+        let stats = step.finish();
+        assert_eq!(
+            stats.tokens as usize,
+            chunks.iter().map(|c| c.1).sum::<usize>()
+        );
+        for (s, (_, n)) in active.iter_mut().zip(&chunks) {
+            s.fed += n;
+        }
+        active.retain(|s| {
+            let done = s.fed == s.tokens.len();
+            if done {
+                finished.push(s.id);
+            }
+            !done
+        });
+    }
+    assert!(worst <= 1e-6, "{variant:?}: worst rel err {worst:e}");
+    let totals = rt.stats();
+    assert!(totals.steps > 0 && totals.rows_fetched > 0 && totals.bytes_fetched > 0);
+}
+
+#[test]
+fn host_driven_paper_right_padding_prefetch() {
+    for seed in 0..4 {
+        drive_like_a_host(Variant::Paper, Padding::Right, true, seed);
+    }
+}
+
+#[test]
+fn host_driven_paper_left_padding_synchronous() {
+    for seed in 4..7 {
+        drive_like_a_host(Variant::Paper, Padding::Left, false, seed);
+    }
+}
+
+#[test]
+fn host_driven_v41() {
+    for seed in 7..10 {
+        drive_like_a_host(Variant::V41, Padding::Right, true, seed);
+    }
+}
+
+/// 10,000 single-token sequences: with end notifications nothing is left; without,
+/// the bound holds and the oldest are evicted.
+#[test]
+fn ten_thousand_sequences_stay_bounded() {
+    let fx = fixture(Variant::Paper, 1, 16, 3);
+    let c = fx.cfg.branch_channels();
+    for notify in [true, false] {
+        let rt = runtime(
+            &fx,
+            RuntimeOptions {
+                max_sequences: 256,
+                prefetch: true,
+                padding: Padding::Right,
+            },
+        );
+        let mut previous: Vec<u64> = Vec::new();
+        let mut max_live = 0;
+        for batch in 0..1000u64 {
+            let ids: Vec<u64> = (0..10).map(|i| batch * 10 + i).collect();
+            let tokens: Vec<[u32; 2]> = ids.iter().map(|&i| [(i % 500) as u32, 7]).collect();
+            let inputs: Vec<SequenceInput<'_>> = ids
+                .iter()
+                .zip(&tokens)
+                .map(|(&seq_id, t)| SequenceInput {
+                    seq_id,
+                    tokens: t,
+                    position: 0,
+                    dead: None,
+                    context: None,
+                })
+                .collect();
+            let ended = if notify {
+                std::mem::take(&mut previous)
+            } else {
+                Vec::new()
+            };
+            let mut step = rt.begin_step(&inputs, &ended).unwrap();
+            for &layer_id in &fx.cfg.hash.layer_ids {
+                step.apply_packed(layer_id, &vec![0.5; 20 * c]).unwrap();
+            }
+            step.finish();
+            previous = ids;
+            max_live = max_live.max(rt.live_sequences());
+        }
+        rt.end_sequences(&previous);
+        if notify {
+            assert_eq!(
+                max_live,
+                10 * 2 - 10,
+                "only the last step's sequences are live"
+            );
+            assert_eq!(rt.live_sequences(), 0);
+            assert_eq!(rt.stats().evicted_sequences, 0);
+        } else {
+            assert_eq!(max_live, 256);
+            assert!(rt.stats().evicted_sequences >= 10_000 - 256 - 10);
+        }
+    }
+}
+
+/// A table whose gathers always fail, to check that fetch errors reach the host.
+struct BrokenTable(DenseTable);
+
+impl TableStore for BrokenTable {
+    fn name(&self) -> &str {
+        "broken"
+    }
+    fn num_rows(&self) -> u64 {
+        self.0.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    fn dtype(&self) -> engram_core::dtype::RowDtype {
+        self.0.dtype()
+    }
+    fn gather_f32(&self, _: &[u64], _: &mut [f32]) -> engram_core::Result<()> {
+        Err(engram_core::EngramError::Other("disk on fire".into()))
+    }
+}
+
+#[test]
+fn errors_reach_the_host() {
+    let fx = fixture(Variant::Paper, 1, 16, 5);
+    let c = fx.cfg.branch_channels();
+    let rt = runtime(&fx, RuntimeOptions::default());
+    let input = |seq_id, tokens: &'static [u32], position| SequenceInput {
+        seq_id,
+        tokens,
+        position,
+        dead: None,
+        context: None,
+    };
+
+    let e = rt
+        .begin_step(&[input(1, &[1, 999], 0)], &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("999") && e.contains("sequence 1"), "{e}");
+    let e = rt.begin_step(&[input(2, &[1], 5)], &[]).err().unwrap();
+    assert!(
+        matches!(
+            e,
+            PluginError::MissingState {
+                seq_id: 2,
+                position: 5,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = rt
+        .begin_step(&[input(3, &[1], 0), input(3, &[2], 0)], &[])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("twice"), "{e}");
+
+    let mut step = rt.begin_step(&[input(4, &[1, 2, 3], 0)], &[]).unwrap();
+    let e = step
+        .apply(
+            1,
+            &Tensor::zeros((1, 3, c + 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("shape"), "{e}");
+    let e = step
+        .apply(
+            2,
+            &Tensor::zeros((1, 3, c), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layer 2"), "{e}");
+    step.apply_packed(1, &vec![0.0; 3 * c]).unwrap();
+    let e = step
+        .apply_packed(1, &vec![0.0; 3 * c])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("twice"), "{e}");
+    drop(step);
+    // The failed and dropped steps left the sequence usable at its next position.
+    let mut step = rt.begin_step(&[input(4, &[4], 3)], &[]).unwrap();
+    step.apply_packed(1, &vec![0.0; c]).unwrap();
+    step.finish();
+
+    let layers = fx
+        .cfg
+        .hash
+        .layer_ids
+        .iter()
+        .zip(&fx.tables)
+        .zip(&fx.weights)
+        .map(|((&layer_id, t), w)| RuntimeLayer {
+            layer_id,
+            table: Arc::new(BrokenTable(t.clone())),
+            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
+        })
+        .collect();
+    let identity = VocabCompression::from_lookup((0..500).collect()).unwrap();
+    let broken = EngramRuntime::from_parts(
+        fx.cfg.clone(),
+        Arc::new(identity),
+        layers,
+        RuntimeOptions::default(),
+    )
+    .unwrap();
+    let mut step = broken.begin_step(&[input(1, &[1, 2], 0)], &[]).unwrap();
+    let e = step
+        .apply_packed(1, &vec![0.0; 2 * c])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("disk on fire") && e.contains("layer 1"), "{e}");
+}
