@@ -13,6 +13,8 @@ use engram_core::config::{EngramConfig, Variant};
 use engram_core::hashing::{EngramHasher, NgramHasher};
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::TableStore;
+use engram_cpu::layer::CpuLayer;
+use engram_cpu::CpuTable;
 use half::bf16;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -28,6 +30,8 @@ pub const V41_MAX_OFF_FRACTION: f64 = 0.01;
 /// Which implementation computes the layers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GoldenBackend {
+    /// The CPU backend: tables memory-mapped from the file, layers on a GEMM.
+    Cpu,
     /// engram-core's reference loops (slow, the definition).
     Reference,
 }
@@ -220,6 +224,10 @@ fn load_layer(
     let spec = table_spec(ck, cfg, layout)?;
     let weights = load_layer_weights(ck, cfg, layer_id)?;
     match backend {
+        GoldenBackend::Cpu => Ok(LoadedLayer {
+            table: Box::new(CpuTable::open_mmap(ck.path(), &spec)?),
+            layer: Box::new(CpuLayer::new(cfg.clone(), layer_id, weights)?),
+        }),
         GoldenBackend::Reference => Ok(LoadedLayer {
             table: Box::new(load_dense_table(ck, &spec)?),
             layer: Box::new(ReferenceLayer::new(cfg.clone(), layer_id, weights)?),

@@ -2,9 +2,12 @@
 //!
 //! The `engram` command and the library behind it, so tests can call what the command
 //! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
-//! `golden` (check a golden forward file end to end).
+//! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
+//! config).
 
+pub mod bench;
 pub mod golden;
+pub mod inspect;
 pub mod text;
 
 use std::path::Path;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use engram_cli::golden::{format_report, run_golden, GoldenBackend};
-use engram_cli::{text, TokenizerContext};
+use engram_cli::{inspect, text, TokenizerContext};
 use engram_core::config::HashConfig;
 
 #[derive(Parser)]
@@ -37,16 +37,31 @@ enum Command {
         #[arg(long)]
         text: String,
     },
+    /// Measure each stage against a baseline in the same run (hash, gather vs memcpy,
+    /// layer, prefetch under a simulated host).
+    Bench {
+        /// Print one JSON object (the only output format for now).
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a golden forward file: hashes and outputs of every sample and layer.
     Golden {
         #[arg(long)]
         tokenizer: PathBuf,
         file: PathBuf,
-        #[arg(long, value_enum, default_value_t = GoldenBackend::Reference)]
+        #[arg(long, value_enum, default_value_t = GoldenBackend::Cpu)]
         backend: GoldenBackend,
         /// Also write what was computed, under the golden file's names.
         #[arg(long)]
         dump: Option<PathBuf>,
+    },
+    /// Check a checkpoint (a .safetensors file or a model directory) against its Engram
+    /// config: tables and every layer tensor. Exit code 1 when anything is inconsistent.
+    Inspect {
+        path: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -79,6 +94,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = TokenizerContext::load(&tokenizer)?;
             println!("{}", text::hash_json(&ctx, &cfg, &text)?);
         }
+        Command::Bench { json: _ } => {
+            let scratch = tempfile::tempdir()?;
+            let report = engram_cli::bench::run_bench(scratch.path())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
         Command::Golden {
             tokenizer,
             file,
@@ -89,6 +109,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = run_golden(&ctx, &file, backend, dump.as_deref())?;
             print!("{}", format_report(&report));
             if !report.passed() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Inspect { path, json } => {
+            let report = inspect::inspect(&path)?;
+            if json {
+                println!("{:#}", report.to_json());
+            } else {
+                print!("{}", inspect::format_text(&report));
+            }
+            if !report.consistent() {
                 return Ok(ExitCode::from(1));
             }
         }

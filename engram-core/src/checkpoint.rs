@@ -802,7 +802,7 @@ mod tests {
             .collect();
         let data: Vec<Vec<u8>> = described
             .iter()
-            .map(|(_, d, s)| vec![0u8; s.iter().product::<usize>() * d.size()])
+            .map(|(_, d, s)| vec![0u8; s.iter().product::<usize>() * d.bitsize() / 8])
             .collect();
         let views: Vec<(String, TensorView<'_>)> = described
             .iter()
@@ -826,10 +826,12 @@ mod tests {
     fn expected_tensors_match_the_loaders() {
         for cfg in configs() {
             for layout in table_layouts(&cfg.hash) {
-                let expected = expected_layer_tensors(&cfg, &layout);
+                // Zero offsets would be refused: leave the optional tensor out.
+                let mut expected = expected_layer_tensors(&cfg, &layout);
+                expected.retain(|t| !t.optional);
                 let as_is = |t: &ExpectedTensor| Some((t.dtypes[0], t.shape.clone()));
                 load_all(&file_with(&expected, as_is), &cfg, &layout).unwrap();
-                for victim in expected.iter().filter(|t| !t.optional) {
+                for victim in &expected {
                     let dropped = file_with(&expected, |t| {
                         (t.name != victim.name).then(|| (t.dtypes[0], t.shape.clone()))
                     });

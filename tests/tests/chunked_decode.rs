@@ -168,3 +168,31 @@ fn reference_chunked_equals_whole() {
         }
     }
 }
+
+fn cpu_layers(fx: &Fixture) -> Vec<Box<dyn EngramLayer>> {
+    fx.cfg
+        .hash
+        .layer_ids
+        .iter()
+        .zip(&fx.weights)
+        .map(|(&id, w)| {
+            Box::new(engram_cpu::layer::CpuLayer::new(fx.cfg.clone(), id, w.clone()).unwrap())
+                as Box<dyn EngramLayer>
+        })
+        .collect()
+}
+
+#[test]
+fn cpu_chunked_equals_whole() {
+    for seed in 0..12 {
+        for (variant, g, d) in [
+            (Variant::Paper, 1, 16),
+            (Variant::Paper, 4, 24),
+            (Variant::V41, 2, 32),
+        ] {
+            let fx = fixture(variant, g, d, seed);
+            let err = chunked_vs_whole(&fx, &cpu_layers(&fx), seed + 100);
+            assert!(err <= 1e-6, "{variant:?} seed {seed}: rel err {err:e}");
+        }
+    }
+}

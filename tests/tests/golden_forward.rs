@@ -26,6 +26,24 @@ fn paper_variant_reference() {
 }
 
 #[test]
+fn paper_variant_cpu() {
+    check(
+        "forward_demo_small.safetensors",
+        GoldenBackend::Cpu,
+        Variant::Paper,
+    );
+}
+
+#[test]
+fn v41_variant_cpu() {
+    check(
+        "forward_v41_small.safetensors",
+        GoldenBackend::Cpu,
+        Variant::V41,
+    );
+}
+
+#[test]
 fn v41_variant_reference() {
     check(
         "forward_v41_small.safetensors",

@@ -1,5 +1,7 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
+mod bench;
+
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
@@ -16,6 +18,8 @@ struct Cli {
 enum Task {
     /// Everything CI runs: fmt check, clippy, the workspace tests.
     Ci,
+    /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn run(cli: Cli) -> Result<()> {
             ])?;
             cargo(&["test", "--workspace"])
         }
+        Task::Bench => bench::run(),
     }
 }
 

@@ -1,0 +1,362 @@
+//! `engram bench --json`: throughput of each stage, each measured against a baseline in
+//! the same run (ratios, not absolute claims). Runs in well under a minute on 2 cores.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use engram_core::backend::{EngramLayer, Segment};
+use engram_core::checkpoint::TableSpec;
+use engram_core::compress::VocabCompression;
+use engram_core::config::{EngramConfig, HashConfig, Variant};
+use engram_core::dtype::RowDtype;
+use engram_core::hashing::{EngramHasher, NgramHasher};
+use engram_core::primes::table_layouts;
+use engram_core::table::TableStore;
+use engram_core::testing::{random_hidden, random_weights, TestRng};
+use engram_cpu::layer::CpuLayer;
+use engram_cpu::CpuTable;
+use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
+use serde::Serialize;
+
+/// Everything `engram bench --json` prints.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    /// Tokens hashed per second, one thread, V4.1 hash config (layers [1, 14], orders
+    /// 2-4, 8 heads, table vocab 16,000,000 per order, compressed vocab 99,092): both
+    /// layers' 24 rows for every token of one 262,144-token sequence (`hash_sequence`).
+    pub hash_tokens_per_s: f64,
+    /// The same, decode-shaped: 64 sequences advancing one token per step, each step
+    /// hashing through the per-sequence history (`hash_step`).
+    pub hash_decode_tokens_per_s: f64,
+    /// Gather throughput in GB/s (bytes of rows copied per second) of random rows of a
+    /// 256 MiB table (larger than the caches), memory-mapped and warmed, rows stored as
+    /// f32, 64 MiB of rows per pass, all threads; keyed by row bytes (128, 256, 512, 1024).
+    pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
+    /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
+    pub gather_gb_per_s: f64,
+    /// One sequential 64 MiB `copy_from_slice` within the same table, one thread: the
+    /// memory bandwidth baseline for the gather.
+    pub memcpy_gb_per_s: f64,
+    /// gather / memcpy at 128-byte rows.
+    pub gather_vs_memcpy: f64,
+    /// Paper-variant layer (hidden 1024, hc_mult 1, orders 2-3 x 8 heads x 64 columns =
+    /// 1024 embedding columns, kernel 4) over a batch of 512 tokens, embeddings given:
+    /// tokens per second of `CpuLayer::forward`.
+    pub layer_tokens_per_s: f64,
+    /// The simulated host (see [`PrefetchBench`]).
+    pub prefetch: PrefetchBench,
+    /// Threads of the rayon pool the gather and the layer use.
+    pub threads: usize,
+}
+
+/// The runtime's prefetch under a simulated host: each step the host computes (a spin
+/// of `host_work_ms`) before reaching the Engram layer; rows (512 tokens x 16 heads,
+/// 256-byte bf16 rows, from a memory-mapped 256 MiB table) are fetched meanwhile.
+#[derive(Debug, Serialize)]
+pub struct PrefetchBench {
+    pub steps: u64,
+    /// Mean time to gather one step's rows on the prefetch thread, with no host work.
+    pub fetch_ms: f64,
+    /// The host's work before the Engram layer (1.5 x fetch_ms).
+    pub host_work_ms: f64,
+    /// Mean time the host waited for rows per step, with prefetch on.
+    pub exposed_ms: f64,
+    /// exposed / fetch time, with prefetch on (target <= 0.05).
+    pub exposed_fraction: f64,
+}
+
+const V41_COMPRESSED_VOCAB: usize = 99_092;
+
+fn v41_hash_config() -> HashConfig {
+    HashConfig {
+        engram_vocab_size: vec![16_000_000; 3],
+        max_ngram_size: 4,
+        n_head_per_ngram: 8,
+        layer_ids: vec![1, 14],
+        pad_id: 2,
+        seed: 0,
+        compressed_vocab_size: Some(V41_COMPRESSED_VOCAB),
+    }
+}
+
+/// Runs every benchmark; `scratch` is a directory for the table files.
+pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
+    let (hash_tokens_per_s, hash_decode_tokens_per_s) = bench_hash()?;
+    let (gather_by_row, memcpy_gb_per_s) = bench_gather(scratch)?;
+    let gather_gb_per_s = gather_by_row[0].1;
+    Ok(BenchReport {
+        hash_tokens_per_s,
+        hash_decode_tokens_per_s,
+        gather_gb_per_s,
+        memcpy_gb_per_s,
+        gather_vs_memcpy: gather_gb_per_s / memcpy_gb_per_s,
+        gather_gb_per_s_by_row_bytes: gather_by_row,
+        layer_tokens_per_s: bench_layer()?,
+        prefetch: bench_prefetch(scratch)?,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// Best of `reps` timings of `f`.
+fn best_of(reps: usize, mut f: impl FnMut()) -> Duration {
+    (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+fn bench_hash() -> Result<(f64, f64)> {
+    let cfg = v41_hash_config();
+    let hasher = EngramHasher::new(&cfg, V41_COMPRESSED_VOCAB, 2)?;
+    let mut rng = TestRng::new(1);
+    let t = 1 << 18;
+    let ids: Vec<i64> = (0..t)
+        .map(|_| rng.below(V41_COMPRESSED_VOCAB as u64) as i64)
+        .collect();
+    let mut rows = vec![0u64; t * hasher.heads()];
+    let prefill = best_of(3, || {
+        for l in 0..hasher.layers().len() {
+            hasher
+                .hash_sequence(l, &ids, None, true, &mut rows)
+                .unwrap();
+        }
+        black_box(&rows);
+    });
+    let (seqs, steps) = (64, 2048);
+    let mut histories = vec![engram_core::hashing::NgramHistory::new(cfg.max_ngram_size); seqs];
+    let mut out = vec![0u64; hasher.layers().len() * hasher.heads()];
+    let decode = best_of(3, || {
+        for s in 0..steps {
+            for (b, h) in histories.iter_mut().enumerate() {
+                hasher
+                    .hash_step(h, ids[(s * seqs + b) % t], false, s, &mut out)
+                    .unwrap();
+                black_box(&out);
+            }
+        }
+    });
+    Ok((
+        t as f64 / prefill.as_secs_f64(),
+        (seqs * steps) as f64 / decode.as_secs_f64(),
+    ))
+}
+
+/// Writes a safetensors file with one f32 table `[rows, width]` and opens it memory-mapped.
+fn mapped_table(
+    dir: &std::path::Path,
+    name: &str,
+    rows: usize,
+    width: usize,
+    dtype: RowDtype,
+    seed: u64,
+) -> Result<CpuTable> {
+    let elem = match dtype {
+        RowDtype::F32 => 4,
+        RowDtype::BF16 => 2,
+        other => anyhow::bail!("bench tables are f32 or bf16, not {other}"),
+    };
+    let mut rng = TestRng::new(seed);
+    let data: Vec<u8> = (0..rows * width * elem)
+        .map(|_| rng.next_u64() as u8 & 0x3f)
+        .collect();
+    let path = dir.join(format!("{name}.safetensors"));
+    let st_dtype = if elem == 4 {
+        safetensors::Dtype::F32
+    } else {
+        safetensors::Dtype::BF16
+    };
+    let view = safetensors::tensor::TensorView::new(st_dtype, vec![rows, width], &data)?;
+    safetensors::serialize_to_file([("table", view)], None, &path)?;
+    drop(data);
+    let spec = TableSpec {
+        layer_id: 0,
+        tensor: "table".into(),
+        scale_tensor: None,
+        dtype,
+        rows: rows as u64,
+        width,
+    };
+    let table = CpuTable::open_mmap(&path, &spec)
+        .with_context(|| format!("bench table {}", path.display()))?;
+    // Fault every page in once so the benchmark measures memory, not the page cache's first touch.
+    black_box(
+        table
+            .values_bytes()
+            .iter()
+            .step_by(4096)
+            .map(|&b| b as u64)
+            .sum::<u64>(),
+    );
+    Ok(table)
+}
+
+fn bench_gather(dir: &std::path::Path) -> Result<(Vec<(usize, f64)>, f64)> {
+    const TABLE_BYTES: usize = 256 << 20;
+    const PASS_BYTES: usize = 64 << 20;
+    let mut by_row = Vec::new();
+    let mut memcpy_gb_per_s = 0.0;
+    for (i, row_bytes) in [128usize, 256, 512, 1024].into_iter().enumerate() {
+        let width = row_bytes / 4;
+        let rows = TABLE_BYTES / row_bytes;
+        let table = mapped_table(
+            dir,
+            &format!("gather{row_bytes}"),
+            rows,
+            width,
+            RowDtype::F32,
+            i as u64,
+        )?;
+        let mut rng = TestRng::new(7 + i as u64);
+        let ids: Vec<u64> = (0..PASS_BYTES / row_bytes)
+            .map(|_| rng.below(rows as u64))
+            .collect();
+        let mut out = vec![0f32; ids.len() * width];
+        let took = best_of(5, || table.gather_f32(&ids, &mut out).unwrap());
+        by_row.push((row_bytes, PASS_BYTES as f64 / took.as_secs_f64() / 1e9));
+        if i == 0 {
+            let src = &table.values_bytes()[..PASS_BYTES];
+            let mut dst = vec![0u8; PASS_BYTES];
+            let took = best_of(5, || {
+                dst.copy_from_slice(src);
+                black_box(&dst);
+            });
+            memcpy_gb_per_s = PASS_BYTES as f64 / took.as_secs_f64() / 1e9;
+        }
+        std::fs::remove_file(dir.join(format!("gather{row_bytes}.safetensors"))).ok();
+    }
+    Ok((by_row, memcpy_gb_per_s))
+}
+
+fn paper_1024() -> EngramConfig {
+    EngramConfig {
+        variant: Variant::Paper,
+        hash: HashConfig {
+            engram_vocab_size: vec![1000, 1000],
+            max_ngram_size: 3,
+            n_head_per_ngram: 8,
+            layer_ids: vec![1],
+            pad_id: 2,
+            seed: 0,
+            compressed_vocab_size: None,
+        },
+        head_dim: 64,
+        kernel_size: 4,
+        hidden_size: 1024,
+        hc_mult: 1,
+        rms_norm_eps: 1e-6,
+    }
+}
+
+fn bench_layer() -> Result<f64> {
+    let cfg = paper_1024();
+    let mut rng = TestRng::new(3);
+    let layer = CpuLayer::new(cfg.clone(), 1, random_weights(&cfg, &mut rng))?;
+    let tokens = 512;
+    let hidden = random_hidden(&cfg, tokens, &mut rng);
+    let emb = rng.vec(tokens * cfg.embed_dim(), 1.0);
+    let mut out = vec![0f32; hidden.len()];
+    let took = best_of(5, || {
+        layer
+            .forward(&hidden, &emb, None, &mut [Segment::fresh(tokens)], &mut out)
+            .unwrap();
+    });
+    Ok(tokens as f64 / took.as_secs_f64())
+}
+
+fn spin(d: Duration) {
+    let t = Instant::now();
+    while t.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
+    let mut cfg = paper_1024();
+    cfg.head_dim = 128;
+    cfg.hidden_size = 256;
+    cfg.hash.engram_vocab_size = vec![60_000, 60_000];
+    let layout = &table_layouts(&cfg.hash)[0];
+    let table: Arc<dyn TableStore> = Arc::new(mapped_table(
+        dir,
+        "prefetch",
+        layout.total_rows as usize,
+        cfg.head_dim,
+        RowDtype::BF16,
+        11,
+    )?);
+    let mut rng = TestRng::new(5);
+    let layer: Arc<dyn EngramLayer> = Arc::new(CpuLayer::new(
+        cfg.clone(),
+        1,
+        random_weights(&cfg, &mut rng),
+    )?);
+    let compression = Arc::new(VocabCompression::from_lookup((0..100_000u32).collect())?);
+    let make = |prefetch| {
+        EngramRuntime::from_parts(
+            cfg.clone(),
+            compression.clone(),
+            vec![RuntimeLayer {
+                layer_id: 1,
+                table: table.clone(),
+                layer: layer.clone(),
+            }],
+            RuntimeOptions {
+                prefetch,
+                ..RuntimeOptions::default()
+            },
+        )
+    };
+    let (seqs, steps) = (512usize, 40u64);
+    let c = cfg.branch_channels();
+    let hidden = vec![0.25f32; seqs * c];
+    let run = |rt: &EngramRuntime, host_work: Duration| -> Result<()> {
+        for s in 0..steps {
+            let tokens: Vec<[u32; 1]> = (0..seqs as u64)
+                .map(|b| [rng_token(s * 1000 + b)])
+                .collect();
+            let inputs: Vec<SequenceInput<'_>> = tokens
+                .iter()
+                .enumerate()
+                .map(|(b, t)| SequenceInput {
+                    seq_id: b as u64,
+                    tokens: t,
+                    position: s as usize,
+                    dead: None,
+                    context: None,
+                })
+                .collect();
+            let mut step = rt.begin_step(&inputs, &[])?;
+            spin(host_work);
+            step.apply_packed(1, &hidden)?;
+            step.finish();
+        }
+        Ok(())
+    };
+    // Calibrate on the prefetch path itself (its gather runs on one thread).
+    let calibrate = make(true)?;
+    run(&calibrate, Duration::ZERO)?;
+    let fetch = calibrate.stats().fetch_time / steps as u32;
+    let host_work = fetch * 3 / 2;
+    let pre = make(true)?;
+    run(&pre, host_work)?;
+    let stats = pre.stats();
+    std::fs::remove_file(dir.join("prefetch.safetensors")).ok();
+    Ok(PrefetchBench {
+        steps,
+        fetch_ms: fetch.as_secs_f64() * 1e3,
+        host_work_ms: host_work.as_secs_f64() * 1e3,
+        exposed_ms: (stats.exposed_wait / steps as u32).as_secs_f64() * 1e3,
+        exposed_fraction: stats.exposed_fraction(),
+    })
+}
+
+/// A cheap, varied token id per step (rows spread over the table).
+fn rng_token(step: u64) -> u32 {
+    (step.wrapping_mul(2_654_435_761) % 99_991) as u32
+}

@@ -1,0 +1,305 @@
+//! Table stores of the CPU backend: one Engram layer's table, memory-mapped straight
+//! from a safetensors file or held in RAM, gathered by row id on many threads.
+//!
+//! Opening reads only the file's header ([`SafetensorsHeader`]) and checks, before any
+//! row is touched, that the table (and its scales) have the dtype and shape the
+//! [`TableSpec`] says and lie inside the file: a truncated file is refused at open, with
+//! the file and tensor named, instead of faulting on a later read. A memory-mapped table
+//! of any size opens in constant time and its resident memory grows only with the rows
+//! gathered.
+//!
+//! Stored rows may be F32, BF16, F16 or V4.1's F8_E4M3 with one F8_E8M0 scale per 32
+//! columns; [`TableStore::gather_f32`] converts them exactly as
+//! [`engram_core::checkpoint::load_dense_table`] does (F8 rows dequantized and rounded to
+//! bf16), and [`CpuTable::gather_raw`] copies them as stored.
+//!
+//! To find a layer's table in a file, use
+//! [`engram_core::checkpoint::table_spec_from_header`] (header only) or
+//! [`CpuTable::open_layer`].
+
+mod gather;
+mod storage;
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use engram_core::checkpoint::{table_spec_from_header, SafetensorsHeader, TableSpec};
+use engram_core::config::EngramConfig;
+use engram_core::dtype::RowDtype;
+use engram_core::error::{EngramError, Result};
+use engram_core::primes::LayerTableLayout;
+use engram_core::table::TableStore;
+use safetensors::Dtype;
+
+pub use gather::SCALE_BLOCK;
+use gather::{run_chunked, Rows};
+use storage::{copy_ranges, map_file, read_ranges, to_usize, Storage};
+
+/// Gathers moving fewer bytes than this stay on the calling thread (see
+/// [`CpuTable::set_parallel_min_bytes`]).
+pub const DEFAULT_PARALLEL_MIN_BYTES: usize = 256 * 1024;
+
+/// How [`CpuTable::open_layer`] holds the rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableMode {
+    /// Memory-mapped from the file ([`CpuTable::open_mmap`]).
+    Mmap,
+    /// Read into RAM ([`CpuTable::load`]).
+    Ram,
+}
+
+/// One layer's table on the CPU: a [`TableStore`] over a memory map or an owned buffer.
+pub struct CpuTable {
+    /// `file:tensor`, for messages.
+    name: String,
+    path: PathBuf,
+    spec: TableSpec,
+    storage: Storage,
+    /// Byte ranges of the rows and (F8) the scales in `storage`.
+    values: Range<usize>,
+    scales: Range<usize>,
+    parallel_min_bytes: usize,
+}
+
+impl std::fmt::Debug for CpuTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuTable")
+            .field("name", &self.name)
+            .field("dtype", &self.spec.dtype)
+            .field("rows", &self.spec.rows)
+            .field("width", &self.spec.width)
+            .field("mmap", &self.is_mmap())
+            .finish()
+    }
+}
+
+impl CpuTable {
+    /// Memory-maps the table `spec` describes from the safetensors file at `path`.
+    /// Reads the header only; every tensor of the file must lie inside it.
+    pub fn open_mmap(path: impl AsRef<Path>, spec: &TableSpec) -> Result<Self> {
+        let path = path.as_ref();
+        let header = SafetensorsHeader::read_file(path)?;
+        let (values, scales) = locate(&header, spec)?;
+        let map = map_file(path, header.file_len())?;
+        let values = to_usize(path, values.start)?..to_usize(path, values.end)?;
+        let scales = match scales {
+            Some(s) => to_usize(path, s.start)?..to_usize(path, s.end)?,
+            None => 0..0,
+        };
+        Ok(Self::new(path, spec, Storage::Mmap(map), values, scales))
+    }
+
+    /// Reads the table `spec` describes from the safetensors file at `path` into RAM
+    /// (only the table's bytes, and its scales, are read).
+    pub fn load(path: impl AsRef<Path>, spec: &TableSpec) -> Result<Self> {
+        let path = path.as_ref();
+        let header = SafetensorsHeader::read_file(path)?;
+        let (values, scales) = locate(&header, spec)?;
+        let ranges: Vec<Range<u64>> = std::iter::once(values).chain(scales).collect();
+        let (buf, placed) = read_ranges(path, &ranges)?;
+        Ok(Self::from_placed(path, spec, buf, placed))
+    }
+
+    /// Copies the table `spec` describes out of `bytes`, a whole safetensors file
+    /// (`path` names it in messages), into RAM.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8], spec: &TableSpec) -> Result<Self> {
+        let path = path.as_ref();
+        let header = SafetensorsHeader::parse(path, bytes, bytes.len() as u64)?;
+        let (values, scales) = locate(&header, spec)?;
+        let ranges: Vec<Range<usize>> = std::iter::once(values)
+            .chain(scales)
+            .map(|r| r.start as usize..r.end as usize)
+            .collect();
+        let (buf, placed) = copy_ranges(bytes, &ranges);
+        Ok(Self::from_placed(path, spec, buf, placed))
+    }
+
+    /// Finds layer `layout.layer_id`'s table in the file at `path` (header only, checked
+    /// against `cfg` by [`table_spec_from_header`]) and opens it.
+    pub fn open_layer(
+        path: impl AsRef<Path>,
+        cfg: &EngramConfig,
+        layout: &LayerTableLayout,
+        mode: TableMode,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let header = SafetensorsHeader::read_file(path)?;
+        // A cut file is reported the same way whatever the table check would find.
+        header.check_complete()?;
+        let spec = table_spec_from_header(&header, cfg, layout)?;
+        match mode {
+            TableMode::Mmap => Self::open_mmap(path, &spec),
+            TableMode::Ram => Self::load(path, &spec),
+        }
+    }
+
+    fn from_placed(
+        path: &Path,
+        spec: &TableSpec,
+        buf: storage::AlignedBytes,
+        placed: Vec<Range<usize>>,
+    ) -> Self {
+        let values = placed[0].clone();
+        let scales = placed.get(1).cloned().unwrap_or(0..0);
+        Self::new(path, spec, Storage::Owned(buf), values, scales)
+    }
+
+    fn new(
+        path: &Path,
+        spec: &TableSpec,
+        storage: Storage,
+        values: Range<usize>,
+        scales: Range<usize>,
+    ) -> Self {
+        Self {
+            name: format!("{}:{}", path.display(), spec.tensor),
+            path: path.to_path_buf(),
+            spec: spec.clone(),
+            storage,
+            values,
+            scales,
+            parallel_min_bytes: DEFAULT_PARALLEL_MIN_BYTES,
+        }
+    }
+
+    pub fn spec(&self) -> &TableSpec {
+        &self.spec
+    }
+
+    /// The file the table came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the rows are memory-mapped (else they are in RAM).
+    pub fn is_mmap(&self) -> bool {
+        matches!(self.storage, Storage::Mmap(_))
+    }
+
+    /// Gathers moving at least this many bytes are split across rayon's threads;
+    /// smaller ones stay on the calling thread (0: always split).
+    pub fn set_parallel_min_bytes(&mut self, bytes: usize) {
+        self.parallel_min_bytes = bytes;
+    }
+
+    /// The stored rows, `[rows, width]` elements of the stored type, little-endian.
+    pub fn values_bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.values.clone()]
+    }
+
+    /// F8 tables: the stored E8M0 scales, `[rows, ceil(width / 32)]`; empty otherwise.
+    pub fn scales_bytes(&self) -> &[u8] {
+        &self.storage.bytes()[self.scales.clone()]
+    }
+
+    fn rows(&self) -> Rows<'_> {
+        Rows {
+            dtype: self.spec.dtype,
+            width: self.spec.width,
+            values: self.values_bytes(),
+            scales: self.scales_bytes(),
+        }
+    }
+
+    /// Copies rows `row_ids` as stored into `out` (`[row_ids.len(), row_bytes()]`): each
+    /// row's values (little-endian), then, for F8 tables, its `ceil(width / 32)` scales.
+    pub fn gather_raw(&self, row_ids: &[u64], out: &mut [u8]) -> Result<()> {
+        let row_bytes = self.row_bytes();
+        if out.len() != row_ids.len() * row_bytes {
+            return Err(EngramError::shape(
+                format!("raw gather output of `{}`", self.name),
+                format!(
+                    "{} rows x {row_bytes} bytes = {}",
+                    row_ids.len(),
+                    row_ids.len() * row_bytes
+                ),
+                out.len(),
+            ));
+        }
+        // The size is checked above; this checks the ids.
+        self.check_gather(row_ids, row_ids.len() * self.spec.width)?;
+        let rows = self.rows();
+        run_chunked(
+            row_ids,
+            out,
+            row_bytes,
+            row_bytes,
+            self.parallel_min_bytes,
+            |ids, out| rows.copy_raw(ids, out),
+        );
+        Ok(())
+    }
+}
+
+impl TableStore for CpuTable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn num_rows(&self) -> u64 {
+        self.spec.rows
+    }
+    fn width(&self) -> usize {
+        self.spec.width
+    }
+    fn dtype(&self) -> RowDtype {
+        self.spec.dtype
+    }
+
+    fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()> {
+        self.check_gather(row_ids, out.len())?;
+        let rows = self.rows();
+        let w = self.spec.width;
+        run_chunked(
+            row_ids,
+            out,
+            w,
+            4 * w,
+            self.parallel_min_bytes,
+            |ids, out| rows.decode(ids, out),
+        );
+        Ok(())
+    }
+}
+
+/// Checks `spec` against the file's header and returns the byte ranges of the rows and
+/// (F8) of the scales. Every tensor of the file must lie inside it.
+fn locate(
+    header: &SafetensorsHeader,
+    spec: &TableSpec,
+) -> Result<(Range<u64>, Option<Range<u64>>)> {
+    header.check_complete()?;
+    let (rows, width) = (to_usize(header.path(), spec.rows)?, spec.width);
+    let dtype = match spec.dtype {
+        RowDtype::F32 => Dtype::F32,
+        RowDtype::BF16 => Dtype::BF16,
+        RowDtype::F16 => Dtype::F16,
+        RowDtype::F8E4M3Scaled => Dtype::F8_E4M3,
+    };
+    header.expect(&spec.tensor, &[dtype], &[rows, width])?;
+    let scales = match (&spec.scale_tensor, spec.dtype) {
+        (Some(scale), RowDtype::F8E4M3Scaled) => {
+            header.expect(
+                scale,
+                &[Dtype::F8_E8M0],
+                &[rows, width.div_ceil(SCALE_BLOCK)],
+            )?;
+            Some(header.byte_range(scale)?)
+        }
+        (None, RowDtype::F8E4M3Scaled) => {
+            return Err(EngramError::tensor(
+                header.path(),
+                &spec.tensor,
+                "F8_E4M3 rows need a scale tensor, and the table spec names none",
+            ))
+        }
+        (Some(scale), other) => {
+            return Err(EngramError::tensor(
+                header.path(),
+                scale,
+                format!("a scale tensor goes with F8_E4M3 rows only, the table is {other}"),
+            ))
+        }
+        (None, _) => None,
+    };
+    Ok((header.byte_range(&spec.tensor)?, scales))
+}
