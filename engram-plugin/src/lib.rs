@@ -16,12 +16,14 @@
 //! ```
 
 pub mod error;
+pub mod open;
 pub mod prefetch;
 pub mod runtime;
 pub mod stats;
 pub mod step;
 
 pub use error::{PluginError, Result};
+pub use open::{BackendKind, OpenOptions};
 pub use runtime::{EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput};
 pub use stats::LookupStats;
 pub use step::Step;

@@ -1,0 +1,148 @@
+//! Opening the runtime from files on disk and running the golden samples through it as
+//! a host would: the outputs equal the original implementation's.
+
+use engram_core::checkpoint::Checkpoint;
+use engram_core::config::Variant;
+use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
+use engram_tests::{data_path, tokenizer_path};
+
+fn golden_through_runtime(file: &str) {
+    let path = data_path(file);
+    let options = OpenOptions {
+        tokenizer: Some(tokenizer_path()),
+        ..OpenOptions::default()
+    };
+    let rt = EngramRuntime::open(&path, options)
+        .unwrap()
+        .expect("the golden file has an Engram config");
+    let bytes = std::fs::read(&path).unwrap();
+    let ck = Checkpoint::parse(&path, &bytes).unwrap();
+    let cfg = rt.config().clone();
+    let (g, d) = (cfg.hc_mult, cfg.hidden_size);
+    for sample in 0..2 {
+        let t = ck.shape_of(&format!("sample{sample}.input_ids")).unwrap()[1];
+        let ids: Vec<u32> = ck
+            .i64_tensor(&format!("sample{sample}.input_ids"), &[1, t])
+            .unwrap()
+            .iter()
+            .map(|&i| i as u32)
+            .collect();
+        let hidden = ck
+            .f32_tensor(&format!("sample{sample}.hidden_states"), &[1, t, g, d])
+            .unwrap();
+        let dead: Option<Vec<bool>> = (cfg.variant == Variant::V41).then(|| {
+            ck.tensors()
+                .tensor(&format!("sample{sample}.dead_mask"))
+                .unwrap()
+                .data()
+                .iter()
+                .map(|&b| b != 0)
+                .collect()
+        });
+        // Prefill the first half, decode the rest token by token.
+        let split = t / 2;
+        let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); cfg.hash.layer_ids.len()];
+        let mut pos = 0;
+        while pos < t {
+            let n = if pos == 0 { split.max(1) } else { 1 };
+            let input = SequenceInput {
+                seq_id: sample as u64,
+                tokens: &ids[pos..pos + n],
+                position: pos,
+                dead: dead.as_ref().map(|m| &m[pos..pos + n]),
+                context: None,
+            };
+            let mut step = rt.begin_step(&[input], &[]).unwrap();
+            for (l, &layer_id) in cfg.hash.layer_ids.iter().enumerate() {
+                let c = g * d;
+                let out = step
+                    .apply_packed(layer_id, &hidden[pos * c..(pos + n) * c])
+                    .unwrap();
+                outputs[l].extend(out);
+            }
+            step.finish();
+            pos += n;
+        }
+        for (l, &layer_id) in cfg.hash.layer_ids.iter().enumerate() {
+            let expected = ck
+                .f32_tensor(
+                    &format!("sample{sample}.layer{layer_id}.output"),
+                    &[1, t, g, d],
+                )
+                .unwrap();
+            // Paper files store the delta; the runtime returns the residual after Engram.
+            let expected: Vec<f32> = match cfg.variant {
+                Variant::Paper => expected.iter().zip(&hidden).map(|(o, h)| o + h).collect(),
+                Variant::V41 => expected,
+            };
+            let got = &outputs[l];
+            let num: f64 = got
+                .iter()
+                .zip(&expected)
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum();
+            let den: f64 = expected.iter().map(|b| (*b as f64).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            let tol = if cfg.variant == Variant::Paper {
+                1e-6
+            } else {
+                1e-3
+            };
+            assert!(
+                rel <= tol,
+                "{file} sample {sample} layer {layer_id}: rel err {rel:e}"
+            );
+        }
+    }
+    assert!(rt.stats().rows_fetched > 0);
+}
+
+#[test]
+fn paper_golden_through_the_runtime() {
+    golden_through_runtime("forward_demo_small.safetensors");
+}
+
+#[test]
+fn v41_golden_through_the_runtime() {
+    golden_through_runtime("forward_v41_small.safetensors");
+}
+
+#[test]
+fn a_model_without_engram_opens_to_none() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"hidden_size": 576, "model_type": "llama"}"#,
+    )
+    .unwrap();
+    assert!(EngramRuntime::open(dir.path(), OpenOptions::default())
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn open_errors_name_the_path() {
+    let e = EngramRuntime::open("/no/such/model", OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/no/such/model"), "{e}");
+    let options = OpenOptions {
+        tokenizer: Some("/no/tokenizer.json".into()),
+        ..OpenOptions::default()
+    };
+    let e = EngramRuntime::open(data_path("forward_demo_small.safetensors"), options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/no/tokenizer.json"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"hidden_size": 96, "engram": {"engram_vocab_size": [2003, 3001], "max_ngram_size": 3,
+        "n_embed_per_ngram": 64, "n_head_per_ngram": 4, "layer_ids": [1, 3], "pad_id": 2, "kernel_size": 4}}"#).unwrap();
+    std::fs::copy(tokenizer_path(), dir.path().join("tokenizer.json")).unwrap();
+    let e = EngramRuntime::open(dir.path(), OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("layers.1.engram."), "{e}");
+}
