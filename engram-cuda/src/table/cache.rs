@@ -1,0 +1,424 @@
+//! [`CachedTable`]: a device-resident, direct-mapped cache of hot rows in front of a host
+//! table. n-gram frequencies are Zipfian, so a cache holding a small fraction of the rows
+//! serves most lookups from device memory; misses are staged like [`super::PinnedTable`]
+//! and inserted into the cache after the gather that uses them.
+//!
+//! The host keeps the tags ([`CachePlanner`]), so a prefetch knows at once which ids hit:
+//! hits read their cache slot, misses read the staged rows. Inserts run after the gather
+//! of the same batch on the compute stream, so a hit whose slot a miss of the same batch
+//! replaces still reads the old row. The planner's tags assume every earlier batch's
+//! inserts; the table therefore applies payloads strictly in prefetch order (an earlier
+//! pending prefetch is applied before a later one is gathered, and before its staging
+//! buffer is reused).
+
+use std::collections::HashSet;
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use engram_core::dtype::RowDtype;
+use engram_core::table::TableStore;
+
+use super::pinned::{row_regions, stage_rows, FxHasher, FxMap};
+use super::staging::{write_i64s, Layout, Ring};
+use super::{
+    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
+    Prefetch, TableStats,
+};
+use crate::backend::{CudaBackend, BLOCK};
+use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::host_table::HostTable;
+
+const EMPTY: u64 = u64::MAX;
+
+/// The host-side tags of a direct-mapped cache: slot `slot_of(row)` holds at most one row.
+#[derive(Clone, Debug)]
+pub struct CachePlanner {
+    tags: Vec<u64>,
+    bits: u32,
+}
+
+/// What one batch of lookups does with the cache.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CachePlan {
+    /// Per id: its cache slot (>= 0), or `-(j+1)` for the j-th staged miss.
+    pub sources: Vec<i64>,
+    /// Distinct missed rows, in staging order.
+    pub misses: Vec<u64>,
+    /// (slot, staged miss) pairs to copy into the cache after the gather; one per slot.
+    pub inserts: Vec<(u32, u32)>,
+    pub hits: usize,
+}
+
+impl CachePlanner {
+    /// A cache of `slots` rows (rounded up to a power of two).
+    pub fn new(slots: usize) -> Self {
+        let slots = slots.max(1).next_power_of_two();
+        Self {
+            tags: vec![EMPTY; slots],
+            bits: slots.trailing_zeros(),
+        }
+    }
+
+    pub fn slots(&self) -> usize {
+        self.tags.len()
+    }
+
+    /// The slot of `row` (Fibonacci hashing of the id, so neighbouring ids spread).
+    #[inline]
+    pub fn slot_of(&self, row: u64) -> usize {
+        if self.bits == 0 {
+            0
+        } else {
+            (row.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - self.bits)) as usize
+        }
+    }
+
+    /// Plans one batch and updates the tags as if its inserts had run.
+    pub fn plan(&mut self, ids: &[u64]) -> CachePlan {
+        let mut map = FxMap::default();
+        self.plan_with(ids, &mut map)
+    }
+
+    pub(crate) fn plan_with(&mut self, ids: &[u64], map: &mut FxMap) -> CachePlan {
+        map.clear();
+        let mut claimed: HashSet<usize, BuildHasherDefault<FxHasher>> = HashSet::default();
+        let mut plan = CachePlan {
+            sources: Vec::with_capacity(ids.len()),
+            ..Default::default()
+        };
+        for &id in ids {
+            let slot = self.slot_of(id);
+            if self.tags[slot] == id {
+                plan.sources.push(slot as i64);
+                plan.hits += 1;
+                continue;
+            }
+            let j = *map.entry(id).or_insert_with(|| {
+                plan.misses.push(id);
+                let j = (plan.misses.len() - 1) as u32;
+                if claimed.insert(slot) {
+                    plan.inserts.push((slot as u32, j));
+                }
+                j
+            });
+            plan.sources.push(-(j as i64) - 1);
+        }
+        for &(slot, j) in &plan.inserts {
+            self.tags[slot as usize] = plan.misses[j as usize];
+        }
+        plan
+    }
+
+    /// Forgets every cached row.
+    pub fn clear(&mut self) {
+        self.tags.fill(EMPTY);
+    }
+}
+
+/// A host table fronted by a device cache of `slots` rows (stored format).
+pub struct CachedTable {
+    backend: CudaBackend,
+    host: HostTable,
+    cache_values: CudaSlice<u8>,
+    cache_scales: Option<CudaSlice<u8>>,
+    planner: CachePlanner,
+    ring: Ring,
+    stats: TableStats,
+    map: FxMap,
+    /// Highest prefetch sequence number whose inserts have been queued.
+    applied_seq: u64,
+}
+
+impl CachedTable {
+    /// Puts a cache of at least `cache_rows` rows (a power of two) in front of `host`.
+    pub fn new(backend: &CudaBackend, host: HostTable, cache_rows: usize) -> Result<Self> {
+        let planner = CachePlanner::new(cache_rows);
+        let slots = planner.slots();
+        let cache_values = backend.alloc_zeros::<u8>(slots * host.value_row_bytes())?;
+        let cache_scales = match host.scale_row_bytes() {
+            0 => None,
+            sb => Some(backend.alloc_zeros::<u8>(slots * sb)?),
+        };
+        Ok(Self {
+            backend: backend.clone(),
+            ring: Ring::new(backend, next_store_id())?,
+            host,
+            cache_values,
+            cache_scales,
+            planner,
+            stats: TableStats::default(),
+            map: FxMap::default(),
+            applied_seq: 0,
+        })
+    }
+
+    /// Rows the cache holds.
+    pub fn cache_rows(&self) -> usize {
+        self.planner.slots()
+    }
+
+    pub fn host(&self) -> &HostTable {
+        &self.host
+    }
+
+    /// Queues the cache inserts of the payload in ring slot `i` on the compute stream
+    /// without gathering it (its ticket becomes stale).
+    fn apply_pending(&mut self, i: usize) -> Result<()> {
+        let seq = self.ring.slot(i).seq;
+        let backend = self.backend.clone();
+        let stream = backend.stream().clone();
+        let (rb, sb) = (
+            self.host.value_row_bytes() as i64,
+            self.host.scale_row_bytes() as i64,
+        );
+        let (cache_values, cache_scales) = (&mut self.cache_values, &mut self.cache_scales);
+        self.ring.with_payload(i, &stream, |base, layout| {
+            launch_inserts(
+                &backend,
+                &stream,
+                cache_values,
+                cache_scales.as_mut(),
+                base,
+                layout,
+                rb,
+                sb,
+            )
+        })?;
+        self.applied_seq = self.applied_seq.max(seq);
+        Ok(())
+    }
+}
+
+/// Launches `engram_cache_insert` for the pairs of a payload at device address `base`.
+#[allow(clippy::too_many_arguments)]
+fn launch_inserts(
+    backend: &CudaBackend,
+    stream: &Arc<CudaStream>,
+    cache_values: &mut CudaSlice<u8>,
+    cache_scales: Option<&mut CudaSlice<u8>>,
+    base: u64,
+    layout: &Layout,
+    rb: i64,
+    sb: i64,
+) -> Result<()> {
+    if layout.pairs == 0 {
+        return Ok(());
+    }
+    let m = layout.pairs as i32;
+    let (cv, g1) = cache_values.device_ptr_mut(stream);
+    let scales = cache_scales.map(|s| s.device_ptr_mut(stream));
+    let cs = scales.as_ref().map_or(0u64, |(p, _)| *p);
+    let staged_values = base + layout.values_at as u64;
+    let staged_scales = if cs != 0 {
+        base + layout.scales_at as u64
+    } else {
+        0
+    };
+    let pairs = base + layout.pairs_at as u64;
+    let cfg = LaunchConfig {
+        grid_dim: (backend.grid(layout.pairs), 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let r = unsafe {
+        stream
+            .launch_builder(&backend.kernels().cache_insert)
+            .arg(&cv)
+            .arg(&cs)
+            .arg(&staged_values)
+            .arg(&staged_scales)
+            .arg(&pairs)
+            .arg(&m)
+            .arg(&rb)
+            .arg(&sb)
+            .launch(cfg)
+    }
+    .ctx("launching engram_cache_insert");
+    drop(g1);
+    drop(scales);
+    r.map(|_| ())
+}
+
+impl DeviceTableStore for CachedTable {
+    fn name(&self) -> &str {
+        self.host.name()
+    }
+    fn placement(&self) -> Placement {
+        Placement::DeviceCache
+    }
+    fn num_rows(&self) -> u64 {
+        self.host.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.host.width()
+    }
+    fn dtype(&self) -> RowDtype {
+        self.host.dtype()
+    }
+
+    fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
+        self.host.check_ids(row_ids)?;
+        // The planner's tags assume the inserts of the payload about to be overwritten.
+        let next = self.ring.next_slot();
+        if self.ring.slot(next).pending {
+            self.apply_pending(next)?;
+        }
+        let t0 = Instant::now();
+        let (rb, sb) = (self.host.value_row_bytes(), self.host.scale_row_bytes());
+        let plan = self.planner.plan_with(row_ids, &mut self.map);
+        let layout = Layout::new(row_ids.len(), plan.misses.len(), rb, sb, plan.inserts.len());
+        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        write_i64s(buf, layout.sources_at, plan.sources.iter().copied());
+        write_i64s(
+            buf,
+            layout.pairs_at,
+            plan.inserts
+                .iter()
+                .flat_map(|&(s, j)| [s as i64, j as i64])
+                .collect::<Vec<_>>()
+                .into_iter(),
+        );
+        let (values, scales) = row_regions(buf, &layout, rb, sb);
+        stage_rows(&self.host, &plan.misses, values, scales);
+        self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
+        let ticket = self.ring.submit(slot)?;
+        self.stats.prefetches += 1;
+        self.stats.lookups += row_ids.len() as u64;
+        self.stats.hits += plan.hits as u64;
+        self.stats.rows_transferred += plan.misses.len() as u64;
+        self.stats.bytes_transferred += layout.len as u64;
+        Ok(ticket)
+    }
+
+    fn gather_prefetched(
+        &mut self,
+        ticket: Prefetch,
+        out: &mut CudaSlice<f32>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        check_ticket(&ticket, self.ring.store, self.host.name())?;
+        let slot = self.ring.validate(&ticket)?;
+        let seq = self.ring.slot(slot).seq;
+        if seq <= self.applied_seq {
+            return Err(CudaBackendError::Invalid(
+                "cached table: prefetches must be gathered in the order they were issued".into(),
+            ));
+        }
+        let other = slot ^ 1;
+        if self.ring.slot(other).pending && self.ring.slot(other).seq < seq {
+            // An earlier prefetch was never gathered: its inserts come first.
+            self.apply_pending(other)?;
+        }
+        let n = ticket.rows();
+        let backend = self.backend.clone();
+        let (width, dtype) = (self.host.width(), self.host.dtype());
+        let (rb, sb) = (
+            self.host.value_row_bytes() as i64,
+            self.host.scale_row_bytes() as i64,
+        );
+        let (cache_values, cache_scales) = (&mut self.cache_values, &mut self.cache_scales);
+        self.ring.with_payload(slot, stream, |base, layout| {
+            {
+                let (cv, g1) = cache_values.device_ptr_mut(stream);
+                let scales = cache_scales.as_mut().map(|s| s.device_ptr_mut(stream));
+                let cs = scales.as_ref().map_or(0u64, |(p, _)| *p);
+                let srcs = GatherSources {
+                    a_values: cv,
+                    a_scales: cs,
+                    b_values: base + layout.values_at as u64,
+                    b_scales: if cs != 0 {
+                        base + layout.scales_at as u64
+                    } else {
+                        0
+                    },
+                    src: base + layout.sources_at as u64,
+                };
+                launch_gather(&backend, stream, srcs, out, n, width, dtype)?;
+                drop(g1);
+                drop(scales);
+            }
+            launch_inserts(
+                &backend,
+                stream,
+                cache_values,
+                cache_scales.as_mut(),
+                base,
+                layout,
+                rb,
+                sb,
+            )
+        })?;
+        self.applied_seq = seq;
+        self.stats.gathers += 1;
+        Ok(())
+    }
+
+    fn stats(&self) -> TableStats {
+        self.stats
+    }
+    fn reset_stats(&mut self) {
+        self.stats = TableStats::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pinned::dedupe;
+    use super::*;
+
+    #[test]
+    fn second_lookup_hits_and_conflicts_stay_correct() {
+        let mut p = CachePlanner::new(8);
+        assert_eq!(p.slots(), 8);
+        let ids = [10u64, 11, 10, 12];
+        let first = p.plan(&ids);
+        assert_eq!(first.hits, 0);
+        assert_eq!(first.misses, [10, 11, 12]);
+        assert_eq!(first.sources, [-1, -2, -1, -3]);
+        let again = p.plan(&ids);
+        // Every id whose slot it won is now a hit and reads that slot.
+        for (&id, &src) in ids.iter().zip(&again.sources) {
+            if src >= 0 {
+                assert_eq!(src as usize, p.slot_of(id));
+            }
+        }
+        let inserted: Vec<u64> = first
+            .inserts
+            .iter()
+            .map(|&(_, j)| first.misses[j as usize])
+            .collect();
+        let expect_hits = ids.iter().filter(|id| inserted.contains(id)).count();
+        assert_eq!(again.hits, expect_hits);
+        assert!(
+            again.hits >= 1,
+            "the first distinct row always wins its slot"
+        );
+    }
+
+    #[test]
+    fn one_insert_per_slot_and_hits_never_point_at_replaced_rows() {
+        let mut p = CachePlanner::new(1);
+        // Every id maps to slot 0: only the first miss is inserted.
+        let plan = p.plan(&[5, 6, 7]);
+        assert_eq!(plan.inserts, [(0, 0)]);
+        let plan = p.plan(&[5, 6, 5]);
+        assert_eq!(plan.sources, [0, -1, 0]);
+        assert_eq!(plan.hits, 2);
+        assert_eq!(plan.inserts, [(0, 0)]); // 6 replaces 5 after this batch's gather
+        let plan = p.plan(&[5]);
+        assert_eq!(plan.hits, 0);
+        p.clear();
+        assert_eq!(p.plan(&[6]).hits, 0);
+    }
+
+    #[test]
+    fn dedupe_helper_matches_planner_misses() {
+        let mut map = FxMap::default();
+        let ids = [3u64, 9, 3, 4];
+        let (u, _) = dedupe(&ids, &mut map);
+        let plan = CachePlanner::new(64).plan(&ids);
+        assert_eq!(u, plan.misses);
+    }
+}

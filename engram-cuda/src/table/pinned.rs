@@ -1,0 +1,236 @@
+//! [`PinnedTable`]: the table in host memory; each prefetch gathers the requested rows on
+//! the CPU into pinned staging memory and copies them asynchronously on the copy stream.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, CudaStream};
+use engram_core::dtype::RowDtype;
+use engram_core::table::TableStore;
+use rayon::prelude::*;
+
+use super::staging::{write_i64s, Layout, Ring};
+use super::{
+    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
+    Prefetch, TableStats,
+};
+use crate::backend::CudaBackend;
+use crate::error::Result;
+use crate::host_table::HostTable;
+
+/// A fast hasher for row ids (a multiply-rotate in the style of rustc's FxHash).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FxHasher(u64);
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.add(b as u64);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub(crate) type FxMap = HashMap<u64, u32, BuildHasherDefault<FxHasher>>;
+
+/// The distinct ids of `ids` in first-seen order, and for each id its index among them.
+pub(crate) fn dedupe(ids: &[u64], map: &mut FxMap) -> (Vec<u64>, Vec<u32>) {
+    map.clear();
+    let mut unique = Vec::new();
+    let index = ids
+        .iter()
+        .map(|&id| {
+            *map.entry(id).or_insert_with(|| {
+                unique.push(id);
+                (unique.len() - 1) as u32
+            })
+        })
+        .collect();
+    (unique, index)
+}
+
+/// Rows below which the host gather stays on the calling thread.
+const PARALLEL_ROWS: usize = 2048;
+
+/// Copies the stored bytes of `rows` into `values` (`[rows, value_row_bytes]`) and
+/// `scales` (`[rows, scale_row_bytes]`).
+pub(crate) fn stage_rows(host: &HostTable, rows: &[u64], values: &mut [u8], scales: &mut [u8]) {
+    let (rb, sb) = (host.value_row_bytes(), host.scale_row_bytes());
+    if rows.len() >= PARALLEL_ROWS {
+        values
+            .par_chunks_mut(rb)
+            .zip(rows.par_iter())
+            .for_each(|(d, &r)| d.copy_from_slice(host.row_values(r)));
+    } else {
+        for (d, &r) in values.chunks_exact_mut(rb).zip(rows) {
+            d.copy_from_slice(host.row_values(r));
+        }
+    }
+    if sb > 0 {
+        for (d, &r) in scales.chunks_exact_mut(sb).zip(rows) {
+            d.copy_from_slice(host.row_scales(r));
+        }
+    }
+}
+
+/// The regions of a staging buffer that hold `rows` staged rows.
+pub(crate) fn row_regions<'a>(
+    buf: &'a mut [u8],
+    layout: &Layout,
+    rb: usize,
+    sb: usize,
+) -> (&'a mut [u8], &'a mut [u8]) {
+    let (head, tail) = buf.split_at_mut(layout.scales_at);
+    (
+        &mut head[layout.values_at..layout.values_at + layout.rows * rb],
+        &mut tail[..layout.rows * sb],
+    )
+}
+
+/// A table in host memory, gathered by the CPU into pinned staging buffers and copied to
+/// the device on the copy stream (de-duplicated: a row requested twice crosses once).
+pub struct PinnedTable {
+    backend: CudaBackend,
+    host: HostTable,
+    ring: Ring,
+    stats: TableStats,
+    map: FxMap,
+}
+
+impl PinnedTable {
+    pub fn new(backend: &CudaBackend, host: HostTable) -> Result<Self> {
+        Ok(Self {
+            backend: backend.clone(),
+            ring: Ring::new(backend, next_store_id())?,
+            host,
+            stats: TableStats::default(),
+            map: FxMap::default(),
+        })
+    }
+
+    pub fn host(&self) -> &HostTable {
+        &self.host
+    }
+}
+
+impl DeviceTableStore for PinnedTable {
+    fn name(&self) -> &str {
+        self.host.name()
+    }
+    fn placement(&self) -> Placement {
+        Placement::PinnedHost
+    }
+    fn num_rows(&self) -> u64 {
+        self.host.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.host.width()
+    }
+    fn dtype(&self) -> RowDtype {
+        self.host.dtype()
+    }
+
+    fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
+        self.host.check_ids(row_ids)?;
+        let t0 = Instant::now();
+        let (rb, sb) = (self.host.value_row_bytes(), self.host.scale_row_bytes());
+        let (unique, index) = dedupe(row_ids, &mut self.map);
+        let layout = Layout::new(row_ids.len(), unique.len(), rb, sb, 0);
+        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        write_i64s(
+            buf,
+            layout.sources_at,
+            index.iter().map(|&j| -(j as i64) - 1),
+        );
+        let (values, scales) = row_regions(buf, &layout, rb, sb);
+        stage_rows(&self.host, &unique, values, scales);
+        self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
+        let ticket = self.ring.submit(slot)?;
+        self.stats.prefetches += 1;
+        self.stats.rows_transferred += unique.len() as u64;
+        self.stats.bytes_transferred += layout.len as u64;
+        Ok(ticket)
+    }
+
+    fn gather_prefetched(
+        &mut self,
+        ticket: Prefetch,
+        out: &mut CudaSlice<f32>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        check_ticket(&ticket, self.ring.store, self.host.name())?;
+        let slot = self.ring.validate(&ticket)?;
+        let n = ticket.rows();
+        let (backend, width, dtype) = (&self.backend, self.host.width(), self.host.dtype());
+        let has_scales = self.host.scale_row_bytes() > 0;
+        self.ring.with_payload(slot, stream, |base, layout| {
+            let srcs = GatherSources {
+                b_values: base + layout.values_at as u64,
+                b_scales: if has_scales {
+                    base + layout.scales_at as u64
+                } else {
+                    0
+                },
+                src: base + layout.sources_at as u64,
+                ..Default::default()
+            };
+            launch_gather(backend, stream, srcs, out, n, width, dtype)
+        })?;
+        self.stats.gathers += 1;
+        self.stats.lookups += n as u64;
+        Ok(())
+    }
+
+    fn stats(&self) -> TableStats {
+        self.stats
+    }
+    fn reset_stats(&mut self) {
+        self.stats = TableStats::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedupe_keeps_first_seen_order() {
+        let mut map = FxMap::default();
+        let (u, idx) = dedupe(&[7, 3, 7, 9, 3, 3], &mut map);
+        assert_eq!(u, [7, 3, 9]);
+        assert_eq!(idx, [0, 1, 0, 2, 1, 1]);
+        let (u, idx) = dedupe(&[], &mut map);
+        assert!(u.is_empty() && idx.is_empty());
+    }
+
+    #[test]
+    fn staged_rows_are_the_stored_bytes() {
+        let width = 32;
+        let values: Vec<u8> = (0..4 * width).map(|i| i as u8).collect();
+        let scales = vec![127u8, 128, 129, 130];
+        let t = HostTable::from_raw("t", RowDtype::F8E4M3Scaled, width, &values, Some(&scales))
+            .unwrap();
+        let rows: Vec<u64> = (0..3000).map(|i| (i * 7 % 4) as u64).collect();
+        let mut v = vec![0u8; rows.len() * width];
+        let mut s = vec![0u8; rows.len()];
+        stage_rows(&t, &rows, &mut v, &mut s);
+        for (k, &r) in rows.iter().enumerate() {
+            assert_eq!(&v[k * width..(k + 1) * width], t.row_values(r));
+            assert_eq!(s[k], scales[r as usize]);
+        }
+    }
+}

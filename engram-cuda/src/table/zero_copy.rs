@@ -1,0 +1,236 @@
+//! [`ZeroCopyTable`]: the table stays in host memory (RAM or a memory-mapped file), which
+//! is registered with the driver (`cuMemHostRegister` with `DEVICEMAP`) so that the gather
+//! kernel reads the rows over the bus through a device address. Nothing is staged; only
+//! the row ids are copied.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUresult};
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use engram_core::dtype::RowDtype;
+use engram_core::table::TableStore;
+
+use super::staging::{write_i64s, Layout, Ring};
+use super::{
+    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
+    Prefetch, TableStats,
+};
+use crate::backend::{mapped_device_ptr, CudaBackend};
+use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::host_table::{Backing, HostTable};
+
+/// Host memory registered with the driver; unregistered on drop (after the device is idle).
+struct Registration {
+    ctx: Arc<CudaContext>,
+    ptr: *mut c_void,
+    backing: Arc<Backing>,
+    dptr: u64,
+}
+
+// The pointer is only handed to the driver; the memory is owned by `backing`.
+unsafe impl Send for Registration {}
+unsafe impl Sync for Registration {}
+
+impl Registration {
+    fn new(backend: &CudaBackend, backing: &Arc<Backing>) -> Result<Self> {
+        let info = backend.info();
+        let what = if backing.is_file() {
+            "zero-copy reads of a memory-mapped file"
+        } else {
+            "zero-copy reads of registered host memory"
+        };
+        if !info.can_map_host_memory {
+            return Err(CudaBackendError::Unsupported {
+                what: what.into(),
+                reason: "the device cannot map host memory".into(),
+            });
+        }
+        let bytes = backing.bytes();
+        let ptr = bytes.as_ptr() as *mut c_void;
+        let mut flags = vec![sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE];
+        if backing.is_file() {
+            // A read-only file mapping can only be registered read-only.
+            flags.insert(
+                0,
+                sys::CU_MEMHOSTREGISTER_DEVICEMAP
+                    | sys::CU_MEMHOSTREGISTER_PORTABLE
+                    | sys::CU_MEMHOSTREGISTER_READ_ONLY,
+            );
+        }
+        backend
+            .context()
+            .bind_to_thread()
+            .ctx("binding the context")?;
+        let mut refusals = Vec::new();
+        for f in flags {
+            // Whole pages: a mapping covers its last page entirely.
+            let len = bytes.len().next_multiple_of(4096);
+            let status = unsafe { sys::cuMemHostRegister_v2(ptr, len, f) };
+            if status == CUresult::CUDA_SUCCESS {
+                let dptr = match mapped_device_ptr(ptr) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        unsafe { sys::cuMemHostUnregister(ptr) };
+                        return Err(e);
+                    }
+                };
+                return Ok(Self {
+                    ctx: backend.context().clone(),
+                    ptr,
+                    backing: backing.clone(),
+                    dptr,
+                });
+            }
+            refusals.push(format!("cuMemHostRegister(flags {f:#x}): {status:?}"));
+        }
+        Err(CudaBackendError::Unsupported {
+            what: what.into(),
+            reason: refusals.join("; "),
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        // No kernel may still read the memory when it is unpinned.
+        let _ = self.ctx.synchronize();
+        if self.ctx.bind_to_thread().is_ok() {
+            unsafe { sys::cuMemHostUnregister(self.ptr) };
+        }
+    }
+}
+
+/// A host table read in place by the gather kernel (UVA zero-copy).
+pub struct ZeroCopyTable {
+    backend: CudaBackend,
+    host: HostTable,
+    regs: Vec<Registration>,
+    values_dptr: u64,
+    scales_dptr: u64,
+    ring: Ring,
+    stats: TableStats,
+}
+
+impl ZeroCopyTable {
+    /// Registers `host`'s memory with the driver. Errors with
+    /// [`CudaBackendError::Unsupported`] where the driver refuses (some drivers refuse
+    /// file mappings).
+    pub fn new(backend: &CudaBackend, host: HostTable) -> Result<Self> {
+        let mut regs: Vec<Registration> = Vec::new();
+        let mut addr = |bytes: &crate::host_table::HostBytes| -> Result<u64> {
+            let reg = match regs
+                .iter()
+                .position(|r| Arc::ptr_eq(&r.backing, &bytes.backing))
+            {
+                Some(i) => &regs[i],
+                None => {
+                    regs.push(Registration::new(backend, &bytes.backing)?);
+                    regs.last().expect("just pushed")
+                }
+            };
+            Ok(reg.dptr + bytes.offset as u64)
+        };
+        let values_dptr = addr(&host.values)?;
+        let scales_dptr = match &host.scales {
+            Some(s) => addr(s)?,
+            None => 0,
+        };
+        let align = match host.dtype() {
+            RowDtype::F32 => 4,
+            RowDtype::BF16 | RowDtype::F16 => 2,
+            RowDtype::F8E4M3Scaled => 1,
+        };
+        if values_dptr % align != 0 {
+            return Err(CudaBackendError::Unsupported {
+                what: "zero-copy reads of this table".into(),
+                reason: format!(
+                    "its {} rows start at a device address that is not {align}-byte aligned",
+                    host.dtype()
+                ),
+            });
+        }
+        Ok(Self {
+            backend: backend.clone(),
+            ring: Ring::new(backend, next_store_id())?,
+            host,
+            regs,
+            values_dptr,
+            scales_dptr,
+            stats: TableStats::default(),
+        })
+    }
+
+    pub fn host(&self) -> &HostTable {
+        &self.host
+    }
+
+    /// Whether the table is read from a memory-mapped file.
+    pub fn is_file_backed(&self) -> bool {
+        self.regs.iter().any(|r| r.backing.is_file())
+    }
+}
+
+impl DeviceTableStore for ZeroCopyTable {
+    fn name(&self) -> &str {
+        self.host.name()
+    }
+    fn placement(&self) -> Placement {
+        Placement::ZeroCopy
+    }
+    fn num_rows(&self) -> u64 {
+        self.host.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.host.width()
+    }
+    fn dtype(&self) -> RowDtype {
+        self.host.dtype()
+    }
+
+    fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
+        self.host.check_ids(row_ids)?;
+        let layout = Layout::new(row_ids.len(), 0, 0, 0, 0);
+        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        write_i64s(buf, layout.sources_at, row_ids.iter().map(|&r| r as i64));
+        let ticket = self.ring.submit(slot)?;
+        self.stats.prefetches += 1;
+        self.stats.bytes_transferred += layout.len as u64;
+        Ok(ticket)
+    }
+
+    fn gather_prefetched(
+        &mut self,
+        ticket: Prefetch,
+        out: &mut CudaSlice<f32>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        check_ticket(&ticket, self.ring.store, self.host.name())?;
+        let slot = self.ring.validate(&ticket)?;
+        let n = ticket.rows();
+        let (backend, width, dtype) = (&self.backend, self.host.width(), self.host.dtype());
+        let (a_values, a_scales) = (self.values_dptr, self.scales_dptr);
+        self.ring.with_payload(slot, stream, |base, layout| {
+            let srcs = GatherSources {
+                a_values,
+                a_scales,
+                src: base + layout.sources_at as u64,
+                ..Default::default()
+            };
+            launch_gather(backend, stream, srcs, out, n, width, dtype)
+        })?;
+        let row_bytes = (self.host.value_row_bytes() + self.host.scale_row_bytes()) as u64;
+        self.stats.gathers += 1;
+        self.stats.lookups += n as u64;
+        self.stats.rows_transferred += n as u64;
+        self.stats.bytes_transferred += n as u64 * row_bytes;
+        Ok(())
+    }
+
+    fn stats(&self) -> TableStats {
+        self.stats
+    }
+    fn reset_stats(&mut self) {
+        self.stats = TableStats::default();
+    }
+}

@@ -1,0 +1,90 @@
+//! Helpers for tests that need a GPU: skip where none is usable, fail when told to.
+//!
+//! `ENGRAM_REQUIRE_GPU=1` (what `cargo xtask test-gpu` sets) turns "skipped: no GPU"
+//! into a test failure, so a GPU run cannot pass by verifying nothing.
+
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use crate::backend::CudaBackend;
+
+/// The environment variable that makes GPU tests fail instead of skipping.
+pub const REQUIRE_GPU_ENV: &str = "ENGRAM_REQUIRE_GPU";
+
+/// Whether `ENGRAM_REQUIRE_GPU` asks for a GPU (set, and not "0" or empty).
+pub fn require_gpu() -> bool {
+    std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// What a GPU test does when no GPU is usable.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoGpu {
+    /// Print this line and return.
+    Skip(String),
+    /// Fail with this message.
+    Fail(String),
+}
+
+/// The decision for a test named `test` that could not get a GPU because of `why`.
+pub fn no_gpu(test: &str, why: &str, require: bool) -> NoGpu {
+    if require {
+        NoGpu::Fail(format!(
+            "{test}: {REQUIRE_GPU_ENV}=1 but no GPU is usable: {why}"
+        ))
+    } else {
+        NoGpu::Skip(format!("skipped: {why}"))
+    }
+}
+
+/// One backend per test process (the kernels are compiled once), and a lock that runs
+/// GPU tests one at a time.
+fn shared() -> &'static (Result<CudaBackend, String>, Mutex<()>) {
+    static SHARED: OnceLock<(Result<CudaBackend, String>, Mutex<()>)> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        (
+            CudaBackend::try_new(0).map_err(|e| e.to_string()),
+            Mutex::new(()),
+        )
+    })
+}
+
+/// A GPU test's backend and the lock it holds while it runs.
+pub struct GpuTest {
+    pub backend: CudaBackend,
+    _lock: MutexGuard<'static, ()>,
+}
+
+/// The shared backend for test `test`, or `None` after printing "skipped: ...".
+/// Panics (fails the test) instead when `ENGRAM_REQUIRE_GPU=1`.
+pub fn gpu_or_skip(test: &str) -> Option<GpuTest> {
+    let (backend, lock) = shared();
+    match backend {
+        Ok(b) => Some(GpuTest {
+            backend: b.clone(),
+            _lock: lock.lock().unwrap_or_else(|p| p.into_inner()),
+        }),
+        Err(why) => match no_gpu(test, why, require_gpu()) {
+            NoGpu::Skip(line) => {
+                println!("{line}");
+                None
+            }
+            NoGpu::Fail(msg) => panic!("{msg}"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_or_fail() {
+        assert_eq!(
+            no_gpu("t", "no CUDA driver (libcuda not found)", false),
+            NoGpu::Skip("skipped: no CUDA driver (libcuda not found)".into())
+        );
+        match no_gpu("t", "no CUDA driver (libcuda not found)", true) {
+            NoGpu::Fail(m) => assert!(m.contains("ENGRAM_REQUIRE_GPU=1") && m.contains("t:")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

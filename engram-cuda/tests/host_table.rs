@@ -1,0 +1,58 @@
+//! `HostTable` on the golden checkpoints (CPU only): a table mapped from a safetensors
+//! file gathers exactly what the core's loader reads.
+
+use std::path::PathBuf;
+
+use engram_core::checkpoint::{load_dense_table, table_spec, Checkpoint, SafetensorsHeader};
+use engram_core::config::EngramConfig;
+use engram_core::primes::table_layouts;
+use engram_core::table::TableStore;
+use engram_cuda::HostTable;
+
+fn data_dir() -> Option<PathBuf> {
+    [
+        std::env::var_os("ENGRAM_TEST_DATA").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.join("forward_demo_small.safetensors").is_file())
+}
+
+#[test]
+fn mapped_checkpoint_tables_match_the_core_loader() {
+    let Some(dir) = data_dir() else {
+        println!("skipped: golden files not found");
+        return;
+    };
+    for file in [
+        "forward_demo_small.safetensors",
+        "forward_v41_small.safetensors",
+    ] {
+        let path = dir.join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        let ck = Checkpoint::parse(&path, &bytes).unwrap();
+        let cfg =
+            EngramConfig::from_golden_meta(&ck.metadata_json("meta").unwrap().unwrap()).unwrap();
+        let header = SafetensorsHeader::read_file(&path).unwrap();
+        for layout in table_layouts(&cfg.hash) {
+            let spec = table_spec(&ck, &cfg, &layout).unwrap();
+            let mapped = HostTable::map_safetensors(&header, &spec).unwrap();
+            let dense = load_dense_table(&ck, &spec).unwrap();
+            assert_eq!(mapped.num_rows(), dense.num_rows());
+            assert_eq!(mapped.dtype(), spec.dtype);
+            let rows = mapped.num_rows();
+            let ids: Vec<u64> = (0..500u64).map(|i| i * 7919 % rows).collect();
+            let mut a = vec![0f32; ids.len() * spec.width];
+            let mut b = a.clone();
+            mapped.gather_f32(&ids, &mut a).unwrap();
+            dense.gather_f32(&ids, &mut b).unwrap();
+            let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{file} layer {}: {}", layout.layer_id, spec.dtype);
+            println!(
+                "{file} layer {}: {} rows of {}",
+                layout.layer_id, rows, spec.dtype
+            );
+        }
+    }
+}
