@@ -24,6 +24,9 @@ use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 pub enum BackendKind {
     #[default]
     Cpu,
+    /// The CUDA device `ordinal` (rows are gathered on the host and uploaded per layer);
+    /// opening fails with a clear error where there is no driver or device.
+    Cuda { ordinal: usize },
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +76,14 @@ impl EngramRuntime {
             .map(SafetensorsHeader::read_file)
             .collect::<engram_core::Result<Vec<_>>>()?;
 
+        let cuda = match options.backend {
+            BackendKind::Cpu => None,
+            BackendKind::Cuda { ordinal } => {
+                Some(engram_cuda::CudaBackend::try_new(ordinal).map_err(|e| {
+                    PluginError::Step(format!("the CUDA backend was asked for: {e}"))
+                })?)
+            }
+        };
         let mut layers = Vec::new();
         for layout in table_layouts(&cfg.hash) {
             let prefix = layer_prefix(layout.layer_id);
@@ -92,13 +103,19 @@ impl EngramRuntime {
                 let ck = Checkpoint::parse(&file, &map)?;
                 load_layer_weights(&ck, &cfg, layout.layer_id)?
             };
-            let layer = match options.backend {
-                BackendKind::Cpu => CpuLayer::new(cfg.clone(), layout.layer_id, weights)?,
+            let layer: Arc<dyn engram_core::backend::EngramLayer> = match &cuda {
+                None => Arc::new(CpuLayer::new(cfg.clone(), layout.layer_id, weights)?),
+                Some(backend) => Arc::new(
+                    engram_cuda::CudaLayer::new(backend, cfg.clone(), layout.layer_id, &weights)
+                        .map_err(|e| {
+                            PluginError::Step(format!("CUDA layer {}: {e}", layout.layer_id))
+                        })?,
+                ),
             };
             layers.push(RuntimeLayer {
                 layer_id: layout.layer_id,
                 table: Arc::new(table),
-                layer: Arc::new(layer),
+                layer,
             });
         }
         tracing::info!(layers = ?cfg.hash.layer_ids, variant = ?cfg.variant, "opened Engram runtime");

@@ -146,3 +146,22 @@ fn open_errors_name_the_path() {
         .to_string();
     assert!(e.contains("layers.1.engram."), "{e}");
 }
+
+/// Asking for CUDA where there is none is an error that says so, not a panic.
+#[test]
+fn cuda_without_a_device_is_a_clear_error() {
+    if engram_cuda::CudaBackend::available() {
+        eprintln!("skipped: a CUDA device is present");
+        return;
+    }
+    let options = OpenOptions {
+        tokenizer: Some(tokenizer_path()),
+        backend: engram_plugin::BackendKind::Cuda { ordinal: 0 },
+        ..OpenOptions::default()
+    };
+    let e = EngramRuntime::open(data_path("forward_demo_small.safetensors"), options)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("CUDA"), "{e}");
+}
