@@ -3,10 +3,11 @@
 //! The `engram` command and the library behind it, so tests can call what the command
 //! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
-//! config).
+//! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model).
 
 pub mod bench;
 pub mod golden;
+pub mod init_checkpoint;
 pub mod inspect;
 pub mod text;
 

@@ -63,6 +63,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a paper-variant Engram checkpoint with seeded random weights for a Hugging
+    /// Face model: OUT gets the model's files (linked), its config.json with an `engram`
+    /// object, and engram.safetensors.
+    InitCheckpoint(engram_cli::init_checkpoint::InitArgs),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +126,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if !report.consistent() {
                 return Ok(ExitCode::from(1));
             }
+        }
+        Command::InitCheckpoint(args) => {
+            let report = engram_cli::init_checkpoint::init_checkpoint(&args)?;
+            print!("{}", report.to_text());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -87,8 +87,10 @@ impl<'r> Step<'r> {
             &mut out,
         )?;
         if cfg.variant.output_is_delta() {
-            for (o, h) in out.iter_mut().zip(hidden) {
-                *o += h;
+            for (o, &h) in out.iter_mut().zip(hidden) {
+                // A zero delta leaves the value's bits alone (-0.0 + 0.0 would give +0.0),
+                // so a layer that adds nothing is exactly the identity.
+                *o = if *o == 0.0 { h } else { h + *o };
             }
         }
         Ok(out)

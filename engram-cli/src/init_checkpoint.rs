@@ -1,0 +1,585 @@
+//! `engram init-checkpoint`: a paper-variant Engram checkpoint for an existing Hugging
+//! Face model, with seeded random weights.
+//!
+//! The output directory is the model with Engram added: every file of the model is
+//! linked (or copied where links fail), `config.json` is the model's with an `engram`
+//! object (the golden form, read by [`EngramConfig::from_hf_config`]), and
+//! `engram.safetensors` holds the Engram layers under `layers.{L}.engram.` (SPEC
+//! section 6), exactly the tensors [`expected_layer_tensors`] lists.
+//!
+//! The weights are chosen so that the model still writes coherent text with Engram on:
+//! table rows are uniform in [-1, 1) (bf16), and the value projection and short conv are
+//! scaled so that what Engram adds to the residual stream has an RMS of about
+//! `value_scale` (the gate is in (0, 1)). With `zero_value` the value projection's weight
+//! and bias are exactly zero, and so is everything Engram adds: the identity test.
+//!
+//! Tables are streamed to disk in chunks (the demo size is about 1.3 GB of bf16 per
+//! layer); each chunk draws from its own seeded generator, so the file does not depend on
+//! the number of threads.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use engram_core::checkpoint::{
+    expected_layer_tensors, ExpectedTensor, SafetensorsHeader, TensorKind,
+};
+use engram_core::config::EngramConfig;
+use engram_core::primes::{table_layouts, LayerTableLayout};
+use engram_core::testing::TestRng;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+/// The Engram weights file written into the output directory.
+pub const ENGRAM_FILE: &str = "engram.safetensors";
+/// Table rows generated (and written) per chunk: 64 Ki rows, 8 MiB at head dim 64.
+const CHUNK_ROWS: u64 = 1 << 16;
+/// Chunks generated in parallel before they are written in order.
+const CHUNKS_PER_BATCH: u64 = 8;
+/// Tensor data starts at a multiple of this in the file (tables first, each a multiple of
+/// 64 bytes long for even head dims).
+const DATA_ALIGN: usize = 64;
+
+/// What `engram init-checkpoint` takes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InitArgs {
+    /// The model's Hugging Face directory (config.json with hidden_size, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where to write the model with Engram added (created; files in it are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Transformer layers that get an Engram layer, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 15])]
+    pub layers: Vec<usize>,
+    /// Largest n-gram order (orders 2..=N).
+    #[arg(long, default_value_t = 3)]
+    pub max_ngram: usize,
+    /// Hash heads per n-gram order.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// Embedding width per n-gram order (split over its heads: head dim = this / heads).
+    #[arg(long, default_value_t = 512)]
+    pub n_embed_per_ngram: usize,
+    /// Table vocabulary per n-gram order (each head gets the next unused prime above it).
+    #[arg(long, default_value_t = 646_400)]
+    pub vocab: u64,
+    /// Seed of the hash multipliers (the config's `seed`) and of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// About the RMS of what Engram adds to the residual stream.
+    #[arg(long, default_value_t = 0.01)]
+    pub value_scale: f32,
+    /// Value projection weight and bias exactly zero: Engram then adds exactly zero.
+    #[arg(long)]
+    pub zero_value: bool,
+    /// Pad token id for hashing (default: the model's pad token, else its eos token).
+    #[arg(long)]
+    pub pad_id: Option<i64>,
+}
+
+impl InitArgs {
+    /// The defaults of the command line, for `model` and `out`.
+    pub fn new(model: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            out: out.into(),
+            layers: vec![1, 15],
+            max_ngram: 3,
+            heads: 8,
+            n_embed_per_ngram: 512,
+            vocab: 646_400,
+            seed: 0,
+            value_scale: 0.01,
+            zero_value: false,
+            pad_id: None,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Clone, Debug)]
+pub struct InitReport {
+    pub out: PathBuf,
+    pub config: EngramConfig,
+    pub engram_file: PathBuf,
+    pub bytes: u64,
+    /// `(layer_id, table rows)` per Engram layer.
+    pub tables: Vec<(usize, u64)>,
+    /// Files of the model linked into the output (`linked`) or copied (`copied`).
+    pub linked: Vec<String>,
+    pub copied: Vec<String>,
+    pub seconds: f64,
+}
+
+impl InitReport {
+    pub fn to_text(&self) -> String {
+        let c = &self.config;
+        let mut s = format!(
+            "wrote {} ({} bytes, {:.1} GiB, in {:.1} s)\n",
+            self.engram_file.display(),
+            self.bytes,
+            self.bytes as f64 / (1u64 << 30) as f64,
+            self.seconds
+        );
+        s += &format!(
+            "engram: layers {:?}, orders 2..={}, {} heads per order, head dim {}, vocab {:?}, pad id {}, seed {}, hidden {}\n",
+            c.hash.layer_ids,
+            c.hash.max_ngram_size,
+            c.hash.n_head_per_ngram,
+            c.head_dim,
+            c.hash.engram_vocab_size,
+            c.hash.pad_id,
+            c.hash.seed,
+            c.hidden_size
+        );
+        for (layer, rows) in &self.tables {
+            s += &format!("layer {layer}: table {rows} rows x {}\n", c.head_dim);
+        }
+        s += &format!(
+            "model files: {} linked, {} copied; config.json rewritten with an `engram` object\n",
+            self.linked.len(),
+            self.copied.len()
+        );
+        s
+    }
+}
+
+/// Writes the checkpoint described by `args`.
+pub fn init_checkpoint(args: &InitArgs) -> Result<InitReport> {
+    let started = Instant::now();
+    ensure!(
+        args.value_scale.is_finite() && args.value_scale >= 0.0,
+        "--value-scale must be finite and >= 0, got {}",
+        args.value_scale
+    );
+    let model_config_path = args.model.join("config.json");
+    let text = fs::read_to_string(&model_config_path)
+        .with_context(|| format!("cannot read {}", model_config_path.display()))?;
+    let mut config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", model_config_path.display()))?;
+    ensure!(
+        config.is_object(),
+        "{}: expected a JSON object",
+        model_config_path.display()
+    );
+    let root = config.get("text_config").unwrap_or(&config);
+    let hidden = root
+        .get("hidden_size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("{}: no `hidden_size`", model_config_path.display()))?;
+    if let Some(n) = root.get("num_hidden_layers").and_then(Value::as_u64) {
+        if let Some(&bad) = args.layers.iter().find(|&&l| l as u64 >= n) {
+            bail!("--layers: layer {bad} does not exist, the model has {n} layers (0..{n})");
+        }
+    }
+    let pad_id = match args.pad_id {
+        Some(p) => p,
+        None => model_pad_id(&args.model, &config)?,
+    };
+    let section = json!({
+        "engram_vocab_size": vec![args.vocab; args.max_ngram.saturating_sub(1)],
+        "max_ngram_size": args.max_ngram,
+        "n_embed_per_ngram": args.n_embed_per_ngram,
+        "n_head_per_ngram": args.heads,
+        "layer_ids": args.layers,
+        "pad_id": pad_id,
+        "seed": args.seed,
+        "kernel_size": 4,
+        "hc_mult": 1,
+    });
+    config["engram"] = section;
+    let cfg = EngramConfig::from_hf_config(&config)
+        .context("the Engram config")?
+        .ok_or_else(|| anyhow!("the Engram config was not recognised"))?;
+    ensure!(
+        cfg.hidden_size as u64 == hidden,
+        "the Engram config reads hidden size {}, the model has {hidden}",
+        cfg.hidden_size
+    );
+
+    let model_dir = fs::canonicalize(&args.model)
+        .with_context(|| format!("cannot resolve {}", args.model.display()))?;
+    fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let out_dir = fs::canonicalize(&args.out)?;
+    ensure!(
+        out_dir != model_dir,
+        "--out must not be the model directory ({})",
+        model_dir.display()
+    );
+    let (linked, copied) = link_model_files(&model_dir, &out_dir)?;
+    let mut text = serde_json::to_string_pretty(&config)?;
+    text.push('\n');
+    let config_out = out_dir.join("config.json");
+    if config_out.is_symlink() {
+        fs::remove_file(&config_out)?;
+    }
+    fs::write(&config_out, text)
+        .with_context(|| format!("cannot write {}", config_out.display()))?;
+
+    let engram_file = out_dir.join(ENGRAM_FILE);
+    let layouts = table_layouts(&cfg.hash);
+    let bytes = write_engram_file(&engram_file, &cfg, &layouts, args)?;
+    Ok(InitReport {
+        out: out_dir,
+        tables: layouts.iter().map(|l| (l.layer_id, l.total_rows)).collect(),
+        config: cfg,
+        engram_file,
+        bytes,
+        linked,
+        copied,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The model's pad token id: `pad_token_id`, else `eos_token_id` (the first of a list),
+/// from config.json, generation_config.json, then tokenizer_config.json's token strings.
+fn model_pad_id(model: &Path, config: &Value) -> Result<i64> {
+    let id_of = |v: &Value, key: &str| -> Option<i64> {
+        let x = v.get(key)?;
+        x.as_i64()
+            .or_else(|| x.as_array().and_then(|a| a.first()).and_then(Value::as_i64))
+    };
+    let read = |name: &str| -> Option<Value> {
+        serde_json::from_str(&fs::read_to_string(model.join(name)).ok()?).ok()
+    };
+    let text_config = config.get("text_config").cloned();
+    let generation = read("generation_config.json");
+    let sources: Vec<&Value> = [Some(config), text_config.as_ref(), generation.as_ref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    for key in ["pad_token_id", "eos_token_id"] {
+        if let Some(id) = sources.iter().find_map(|v| id_of(v, key)) {
+            return Ok(id);
+        }
+    }
+    if let Some(tc) = read("tokenizer_config.json") {
+        let tokenizer = model.join("tokenizer.json");
+        for key in ["pad_token", "eos_token"] {
+            let content = match tc.get(key) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(v) => v.get("content").and_then(Value::as_str).map(String::from),
+                None => None,
+            };
+            if let Some(content) = content {
+                let tok = tokenizers::Tokenizer::from_file(&tokenizer)
+                    .map_err(|e| anyhow!("{}: {e}", tokenizer.display()))?;
+                if let Some(id) = tok.token_to_id(&content) {
+                    return Ok(id as i64);
+                }
+            }
+        }
+    }
+    bail!(
+        "{}: no pad or eos token id in config.json, generation_config.json or \
+         tokenizer_config.json; pass --pad-id",
+        model.display()
+    )
+}
+
+/// Links every file of `model` into `out` (copies where a link cannot be made), except
+/// `config.json` (rewritten), hidden files and an Engram file of the model's own.
+fn link_model_files(model: &Path, out: &Path) -> Result<(Vec<String>, Vec<String>)> {
+    let (mut linked, mut copied) = (Vec::new(), Vec::new());
+    let mut entries: Vec<PathBuf> = fs::read_dir(model)
+        .with_context(|| format!("cannot list {}", model.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    entries.sort();
+    for src in entries {
+        let Some(name) = src.file_name().and_then(|n| n.to_str()).map(String::from) else {
+            continue;
+        };
+        if name.starts_with('.') || name == "config.json" || name == ENGRAM_FILE {
+            continue;
+        }
+        let dst = out.join(&name);
+        if dst.is_symlink() || dst.is_file() {
+            fs::remove_file(&dst).with_context(|| format!("cannot replace {}", dst.display()))?;
+        } else if dst.exists() {
+            bail!(
+                "{} exists and is not a file or a link; not replacing it",
+                dst.display()
+            );
+        }
+        if symlink(&src, &dst).is_ok() {
+            linked.push(name);
+        } else if src.is_file() {
+            fs::copy(&src, &dst).with_context(|| {
+                format!("cannot link or copy {} to {}", src.display(), dst.display())
+            })?;
+            copied.push(name);
+        } else {
+            eprintln!(
+                "warning: cannot link directory {} into {}; skipped",
+                src.display(),
+                out.display()
+            );
+        }
+    }
+    Ok((linked, copied))
+}
+
+#[cfg(unix)]
+fn symlink(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(src, dst)
+}
+
+#[cfg(windows)]
+fn symlink(src: &Path, dst: &Path) -> std::io::Result<()> {
+    if src.is_dir() {
+        std::os::windows::fs::symlink_dir(src, dst)
+    } else {
+        std::os::windows::fs::symlink_file(src, dst)
+    }
+}
+
+#[cfg(not(any(unix, windows)))]
+fn symlink(_: &Path, _: &Path) -> std::io::Result<()> {
+    Err(std::io::Error::other("no symbolic links on this platform"))
+}
+
+/// A seed for one tensor (or table chunk) of one layer: the run's seed, the layer and the
+/// tensor's name, mixed (FNV-1a over the name, then SplitMix64 in [`TestRng`]).
+fn tensor_seed(seed: u64, layer_id: usize, name: &str, chunk: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut rng = TestRng::new(seed ^ h.rotate_left(17));
+    rng.next_u64()
+        ^ (layer_id as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ chunk.wrapping_mul(0xd6e8_feb8_6659_fd93)
+}
+
+/// The values of one non-table tensor (f32), from its name.
+fn weight_values(
+    t: &ExpectedTensor,
+    layer_id: usize,
+    cfg: &EngramConfig,
+    args: &InitArgs,
+) -> Vec<f32> {
+    let n: usize = t.shape.iter().product();
+    let mut rng = TestRng::new(tensor_seed(args.seed, layer_id, &t.name, 0));
+    let e = cfg.embed_dim() as f32;
+    let vs = args.value_scale;
+    let stem = t
+        .name
+        .strip_prefix(&engram_core::checkpoint::layer_prefix(layer_id))
+        .unwrap_or(&t.name);
+    let uniform = |rng: &mut TestRng, scale: f32| -> Vec<f32> { rng.vec(n, scale) };
+    let around_one =
+        |rng: &mut TestRng| -> Vec<f32> { rng.vec(n, 0.1).into_iter().map(|x| 1.0 + x).collect() };
+    if stem.starts_with("value_proj.") && args.zero_value {
+        return vec![0.0; n];
+    }
+    // Table rows are uniform in [-1, 1) (variance 1/3) and E wide; a weight uniform in
+    // [-a, a) (variance a^2/3) gives a projection of RMS a * sqrt(E) / 3.
+    if stem == "value_proj.weight" {
+        uniform(&mut rng, 3.0 * vs / e.sqrt())
+    } else if stem == "value_proj.bias" {
+        uniform(&mut rng, 0.1 * vs)
+    } else if stem.starts_with("key_projs.") && stem.ends_with(".weight") {
+        uniform(&mut rng, 3.0 / e.sqrt())
+    } else if stem.starts_with("key_projs.") {
+        uniform(&mut rng, 0.1)
+    } else if stem == "short_conv.conv.weight" {
+        // z has RMS ~1 after its norm; K taps of variance a^2/3 give RMS a * sqrt(K/3).
+        let k = cfg.kernel_size.max(1) as f32;
+        uniform(&mut rng, vs * (3.0 / k).sqrt())
+    } else {
+        // norm1, norm2, short_conv.norms: RMS-norm weights near one.
+        around_one(&mut rng)
+    }
+}
+
+/// One chunk of table rows as bf16 bytes: uniform in [-1, 1) with 16 random bits per value.
+fn table_chunk(seed: u64, layer_id: usize, name: &str, chunk: u64, values: usize) -> Vec<u8> {
+    let mut rng = TestRng::new(tensor_seed(seed, layer_id, name, chunk));
+    let mut out = Vec::with_capacity(values * 2);
+    let mut left = values;
+    while left > 0 {
+        let r = rng.next_u64();
+        for lane in 0..4.min(left) {
+            let bits = (r >> (16 * lane)) as u16 as i16;
+            let x = bits as f32 / 32768.0;
+            out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+        }
+        left -= 4.min(left);
+    }
+    out
+}
+
+/// One tensor of the file, in write order.
+struct Planned {
+    layer_id: usize,
+    tensor: ExpectedTensor,
+    dtype: &'static str,
+    bytes: u64,
+}
+
+fn write_engram_file(
+    path: &Path,
+    cfg: &EngramConfig,
+    layouts: &[LayerTableLayout],
+    args: &InitArgs,
+) -> Result<u64> {
+    // Tables first (large, aligned), then every layer's small tensors.
+    let mut plan = Vec::new();
+    for table_pass in [true, false] {
+        for layout in layouts {
+            for t in expected_layer_tensors(cfg, layout) {
+                if (t.kind == TensorKind::Table) != table_pass {
+                    continue;
+                }
+                let n: u64 = t.shape.iter().map(|&d| d as u64).product();
+                let (dtype, size) = match t.kind {
+                    TensorKind::Table => ("BF16", 2),
+                    TensorKind::Offsets => ("I64", 8),
+                    TensorKind::Weight => ("F32", 4),
+                    TensorKind::TableScale => bail!("the paper variant has no table scales"),
+                };
+                plan.push(Planned {
+                    layer_id: layout.layer_id,
+                    tensor: t,
+                    dtype,
+                    bytes: n * size,
+                });
+            }
+        }
+    }
+    let mut header = serde_json::Map::new();
+    let init = json!({
+        "tool": "engram init-checkpoint",
+        "seed": args.seed,
+        "value_scale": args.value_scale,
+        "zero_value": args.zero_value,
+        "table": "uniform [-1, 1) bf16",
+    });
+    header.insert(
+        "__metadata__".into(),
+        json!({"format": "pt", "engram_init": init.to_string()}),
+    );
+    let mut offset = 0u64;
+    for p in &plan {
+        header.insert(
+            p.tensor.name.clone(),
+            json!({"dtype": p.dtype, "shape": p.tensor.shape, "data_offsets": [offset, offset + p.bytes]}),
+        );
+        offset += p.bytes;
+    }
+    let mut header = serde_json::to_string(&Value::Object(header))?;
+    while (8 + header.len()) % DATA_ALIGN != 0 {
+        header.push(' ');
+    }
+    let total = 8 + header.len() as u64 + offset;
+
+    let partial = path.with_extension("safetensors.partial");
+    let file =
+        File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let io = |e: std::io::Error| anyhow!("cannot write {}: {e}", partial.display());
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.inc(8 + header.len() as u64);
+    for p in &plan {
+        let t = &p.tensor;
+        match t.kind {
+            TensorKind::Table => {
+                bar.set_message(format!("layer {} table", p.layer_id));
+                let (rows, width) = (t.shape[0] as u64, t.shape[1]);
+                let chunks = rows.div_ceil(CHUNK_ROWS);
+                let mut first = 0;
+                while first < chunks {
+                    let last = (first + CHUNKS_PER_BATCH).min(chunks);
+                    let batch: Vec<Vec<u8>> = (first..last)
+                        .into_par_iter()
+                        .map(|c| {
+                            let rows_here = CHUNK_ROWS.min(rows - c * CHUNK_ROWS) as usize;
+                            table_chunk(args.seed, p.layer_id, &t.name, c, rows_here * width)
+                        })
+                        .collect();
+                    for bytes in batch {
+                        w.write_all(&bytes).map_err(io)?;
+                        bar.inc(bytes.len() as u64);
+                    }
+                    first = last;
+                }
+            }
+            TensorKind::Offsets => {
+                let layout = layouts
+                    .iter()
+                    .find(|l| l.layer_id == p.layer_id)
+                    .expect("planned from the layouts");
+                for &o in &layout.offsets {
+                    w.write_all(&(o as i64).to_le_bytes()).map_err(io)?;
+                }
+                bar.inc(p.bytes);
+            }
+            TensorKind::Weight => {
+                bar.set_message(format!("layer {} weights", p.layer_id));
+                let values = weight_values(t, p.layer_id, cfg, args);
+                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                w.write_all(&bytes).map_err(io)?;
+                bar.inc(p.bytes);
+            }
+            TensorKind::TableScale => unreachable!("refused when planned"),
+        }
+    }
+    w.flush().map_err(io)?;
+    w.into_inner()
+        .map_err(|e| anyhow!("cannot write {}: {}", partial.display(), e.error()))?
+        .sync_all()
+        .map_err(io)?;
+    bar.finish_and_clear();
+    let written = fs::metadata(&partial)?.len();
+    ensure!(
+        written == total,
+        "{}: wrote {written} bytes, expected {total}",
+        partial.display()
+    );
+    SafetensorsHeader::read_file(&partial)
+        .and_then(|h| h.check_complete())
+        .with_context(|| format!("{} does not read back", partial.display()))?;
+    fs::rename(&partial, path)
+        .with_context(|| format!("cannot move {} to {}", partial.display(), path.display()))?;
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_chunks_are_uniform_bf16_and_seeded() {
+        let a = table_chunk(0, 1, "t", 3, 1001);
+        assert_eq!(a.len(), 2002);
+        assert_eq!(a, table_chunk(0, 1, "t", 3, 1001));
+        assert_ne!(a, table_chunk(0, 1, "t", 4, 1001));
+        assert_ne!(a, table_chunk(1, 1, "t", 3, 1001));
+        let x: Vec<f32> = a
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect();
+        assert!(x.iter().all(|v| (-1.0..=1.0).contains(v)));
+        let mean = x.iter().sum::<f32>() / x.len() as f32;
+        let var = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        assert!(mean.abs() < 0.1, "{mean}");
+        assert!((var - 1.0 / 3.0).abs() < 0.05, "{var}");
+    }
+}
