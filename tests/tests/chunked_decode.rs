@@ -141,58 +141,42 @@ fn chunked_vs_whole(fx: &Fixture, layers: &[Box<dyn EngramLayer>], seed: u64) ->
     worst
 }
 
-fn reference_layers(fx: &Fixture) -> Vec<Box<dyn EngramLayer>> {
-    fx.cfg
-        .hash
-        .layer_ids
-        .iter()
-        .zip(&fx.weights)
-        .map(|(&id, w)| {
-            Box::new(ReferenceLayer::new(fx.cfg.clone(), id, w.clone()).unwrap())
-                as Box<dyn EngramLayer>
-        })
-        .collect()
+/// Builds one layer per Engram layer of the fixture.
+type LayerBuilder =
+    fn(&Fixture, usize, &engram_core::checkpoint::LayerWeights) -> Box<dyn EngramLayer>;
+
+fn check_backend(build: LayerBuilder) {
+    for seed in 0..12 {
+        for (variant, g, d) in [
+            (Variant::Paper, 1, 16),
+            (Variant::Paper, 4, 24),
+            (Variant::V41, 2, 32),
+        ] {
+            let fx = fixture(variant, g, d, seed);
+            let layers: Vec<_> = fx
+                .cfg
+                .hash
+                .layer_ids
+                .iter()
+                .zip(&fx.weights)
+                .map(|(&id, w)| build(&fx, id, w))
+                .collect();
+            let err = chunked_vs_whole(&fx, &layers, seed + 100);
+            assert!(err <= 1e-6, "{variant:?} seed {seed}: rel err {err:e}");
+        }
+    }
 }
 
 #[test]
 fn reference_chunked_equals_whole() {
-    for seed in 0..12 {
-        for (variant, g, d) in [
-            (Variant::Paper, 1, 16),
-            (Variant::Paper, 4, 24),
-            (Variant::V41, 2, 32),
-        ] {
-            let fx = fixture(variant, g, d, seed);
-            let err = chunked_vs_whole(&fx, &reference_layers(&fx), seed + 100);
-            assert!(err <= 1e-6, "{variant:?} seed {seed}: rel err {err:e}");
-        }
-    }
-}
-
-fn cpu_layers(fx: &Fixture) -> Vec<Box<dyn EngramLayer>> {
-    fx.cfg
-        .hash
-        .layer_ids
-        .iter()
-        .zip(&fx.weights)
-        .map(|(&id, w)| {
-            Box::new(engram_cpu::layer::CpuLayer::new(fx.cfg.clone(), id, w.clone()).unwrap())
-                as Box<dyn EngramLayer>
-        })
-        .collect()
+    check_backend(|fx, id, w| {
+        Box::new(ReferenceLayer::new(fx.cfg.clone(), id, w.clone()).unwrap())
+    });
 }
 
 #[test]
 fn cpu_chunked_equals_whole() {
-    for seed in 0..12 {
-        for (variant, g, d) in [
-            (Variant::Paper, 1, 16),
-            (Variant::Paper, 4, 24),
-            (Variant::V41, 2, 32),
-        ] {
-            let fx = fixture(variant, g, d, seed);
-            let err = chunked_vs_whole(&fx, &cpu_layers(&fx), seed + 100);
-            assert!(err <= 1e-6, "{variant:?} seed {seed}: rel err {err:e}");
-        }
-    }
+    check_backend(|fx, id, w| {
+        Box::new(engram_cpu::layer::CpuLayer::new(fx.cfg.clone(), id, w.clone()).unwrap())
+    });
 }
