@@ -21,6 +21,7 @@ pub mod compress;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod fastmod;
 pub mod hashing;
 pub mod numpy_rng;
 pub mod primes;

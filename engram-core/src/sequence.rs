@@ -99,23 +99,29 @@ pub fn hash_step(
         }
     }
     let heads = hasher.heads();
-    let layers = hasher.layers().len();
+    let n = hasher.window_len();
     let tokens: usize = batch.iter().map(|t| t.ids.len()).sum();
-    let mut rows = vec![vec![0u64; tokens * heads]; layers];
-    let mut step = vec![0u64; layers * heads];
-    let mut token = 0;
+    // Every token's window (advancing the histories), then each layer's rows at once.
+    let mut windows = vec![0i64; tokens * n];
+    let mut token_windows = windows.chunks_exact_mut(n);
     for (state, t) in states.iter_mut().zip(batch) {
         for (i, &id) in t.ids.iter().enumerate() {
             let dead = t.dead.is_some_and(|d| d[i]);
-            hasher.hash_step(&mut state.history, id, dead, state.position, &mut step)?;
+            let window = token_windows.next().expect("one window per token");
+            state.history.window(id, dead, hasher.pad(), window);
+            state.history.push(id, dead);
             state.position += 1;
-            for (l, layer_rows) in rows.iter_mut().enumerate() {
-                layer_rows[token * heads..(token + 1) * heads]
-                    .copy_from_slice(&step[l * heads..(l + 1) * heads]);
-            }
-            token += 1;
         }
     }
+    let rows = hasher
+        .layers()
+        .iter()
+        .map(|layer| {
+            let mut rows = vec![0u64; tokens * heads];
+            layer.rows_for_windows(&windows, true, &mut rows);
+            rows
+        })
+        .collect();
     let dead = batch.iter().any(|t| t.dead.is_some()).then(|| {
         batch
             .iter()
