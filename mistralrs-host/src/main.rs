@@ -1,0 +1,271 @@
+//! `engram-mistralrs-host`: greedy generation on the CPU through mistral.rs built with the
+//! `engram` feature (mistralrs-core 0.8.1 plus patches/mistralrs-core-0.8.1-engram.patch;
+//! build with `cargo xtask mistralrs-build`, see docs/mistralrs.md).
+//!
+//! The patched mistralrs-core opens the Engram layers itself when the model directory's
+//! `config.json` has an Engram config; this binary only drives a request and reports.
+//! `--no-engram` runs the same directory with the Engram config hidden: a shadow directory
+//! whose `config.json` lacks the Engram keys and whose other files link to the originals.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use mistralrs::{ModelDType, RequestBuilder, TextMessageRole, TextMessages, TextModelBuilder};
+use mistralrs_core::engram::LookupStats;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "engram-mistralrs-host", version)]
+struct Args {
+    /// Model directory in Hugging Face format (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The user message (sent through the model's chat template). Repeat it to send
+    /// several requests at once: mistral.rs then batches them.
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// Run without Engram even if the model directory has an Engram config.
+    #[arg(long)]
+    no_engram: bool,
+    /// Activation dtype: f32, bf16, f16 or auto.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Print one JSON object instead of text and a summary.
+    #[arg(long)]
+    json: bool,
+    /// Recompute the whole sequence at every step (mistral.rs `no_kv_cache`): Engram then
+    /// starts every step from position 0, a check of the incremental decode path.
+    #[arg(long)]
+    no_kv_cache: bool,
+    /// Turn mistral.rs's prefix cache off (it is always off for a model with Engram layers).
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Turn on mistral.rs logging.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if !args.model.join("config.json").is_file() {
+        bail!("{}: no config.json", args.model.display());
+    }
+    let model_dir = args.model.canonicalize()?;
+    let shadow = if args.no_engram {
+        Some(ShadowDir::without_engram(&model_dir)?)
+    } else {
+        None
+    };
+    let dir = shadow
+        .as_ref()
+        .map_or(model_dir.as_path(), |s| s.path.as_path());
+    let dtype = match args.dtype.as_str() {
+        "f32" => ModelDType::F32,
+        "bf16" => ModelDType::BF16,
+        "f16" => ModelDType::F16,
+        "auto" => ModelDType::Auto,
+        other => bail!("unknown dtype {other:?} (f32, bf16, f16 or auto)"),
+    };
+
+    let load_start = Instant::now();
+    let mut builder = TextModelBuilder::new(dir.display())
+        .with_force_cpu()
+        .with_dtype(dtype)
+        .with_max_num_seqs(args.prompt.len());
+    if args.no_prefix_cache {
+        builder = builder.with_prefix_cache_n(None);
+    }
+    if args.no_kv_cache {
+        builder = builder.with_no_kv_cache();
+    }
+    if args.verbose {
+        builder = builder.with_logging();
+    }
+    let model = builder
+        .build()
+        .await
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let load_secs = load_start.elapsed().as_secs_f64();
+
+    // Stats so far (the engine's warm-up request at load) are left out of the report.
+    let before = mistralrs_core::engram::stats();
+    let gen_start = Instant::now();
+    let model = Arc::new(model);
+    let mut requests = tokio::task::JoinSet::new();
+    for (i, prompt) in args.prompt.iter().enumerate() {
+        let request =
+            RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
+                .set_deterministic_sampler()
+                .set_sampler_max_len(args.max_tokens);
+        let model = model.clone();
+        requests.spawn(async move { (i, model.send_chat_request(request).await) });
+    }
+    let mut responses = Vec::new();
+    while let Some(done) = requests.join_next().await {
+        let (i, response) = done?;
+        responses.push((i, response?));
+    }
+    responses.sort_by_key(|(i, _)| *i);
+    let gen_secs = gen_start.elapsed().as_secs_f64();
+
+    let engram: Vec<Value> = mistralrs_core::engram::stats()
+        .into_iter()
+        .map(|(model_id, total)| {
+            let earlier = before
+                .iter()
+                .find(|(id, _)| *id == model_id)
+                .map(|(_, s)| *s)
+                .unwrap_or_default();
+            let stats = since(&total, &earlier);
+            json!({
+                "model_id": model_id,
+                "stats": stats,
+                "exposed_fraction": stats.exposed_fraction(),
+            })
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for (_, response) in &responses {
+        let choice = response
+            .choices
+            .first()
+            .context("no choice in the response")?;
+        let usage = &response.usage;
+        outputs.push(json!({
+            "text": choice.message.content.clone().unwrap_or_default(),
+            "finish_reason": choice.finish_reason,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "prompt_tok_per_s": usage.avg_prompt_tok_per_sec,
+            "completion_tok_per_s": usage.avg_compl_tok_per_sec,
+        }));
+    }
+    let summary = json!({
+        "model": model_dir,
+        "engram": !engram.is_empty(),
+        "kv_cache": !args.no_kv_cache,
+        "load_s": load_secs,
+        "generate_s": gen_secs,
+        "outputs": outputs,
+        "lookup_stats": engram,
+    });
+    if args.json {
+        println!("{summary}");
+        return Ok(());
+    }
+    for (i, out) in outputs.iter().enumerate() {
+        if outputs.len() > 1 {
+            println!("[{i}]");
+        }
+        println!("{}", out["text"].as_str().unwrap_or_default());
+    }
+    eprintln!("---");
+    for out in &outputs {
+        eprintln!(
+            "prompt: {} tokens at {:.1} tok/s; completion: {} tokens at {:.1} tok/s ({})",
+            out["prompt_tokens"],
+            out["prompt_tok_per_s"].as_f64().unwrap_or(0.0),
+            out["completion_tokens"],
+            out["completion_tok_per_s"].as_f64().unwrap_or(0.0),
+            out["finish_reason"].as_str().unwrap_or_default(),
+        );
+    }
+    eprintln!("load {load_secs:.1} s, generation {gen_secs:.2} s");
+    if engram.is_empty() {
+        eprintln!(
+            "engram: off ({})",
+            if args.no_engram {
+                "--no-engram"
+            } else {
+                "no Engram config in the model directory"
+            }
+        );
+    }
+    for e in &engram {
+        eprintln!("engram lookup stats: {}", e["stats"]);
+    }
+    Ok(())
+}
+
+/// What `total` added to `earlier` (stats are running totals).
+fn since(total: &LookupStats, earlier: &LookupStats) -> LookupStats {
+    LookupStats {
+        steps: total.steps - earlier.steps,
+        tokens: total.tokens - earlier.tokens,
+        rows_fetched: total.rows_fetched - earlier.rows_fetched,
+        bytes_fetched: total.bytes_fetched - earlier.bytes_fetched,
+        fetch_time: total.fetch_time.saturating_sub(earlier.fetch_time),
+        exposed_wait: total.exposed_wait.saturating_sub(earlier.exposed_wait),
+        evicted_sequences: total.evicted_sequences - earlier.evicted_sequences,
+    }
+}
+
+/// A temporary copy of a model directory without its Engram config: `config.json` is
+/// rewritten without the Engram keys, every other file is a symbolic link.
+struct ShadowDir {
+    path: PathBuf,
+}
+
+impl ShadowDir {
+    fn without_engram(model: &Path) -> Result<Self> {
+        let path =
+            std::env::temp_dir().join(format!("engram-mistralrs-host-{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir_all(&path)?;
+        let shadow = Self { path };
+        for entry in std::fs::read_dir(model)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            if name == "config.json" {
+                continue;
+            }
+            link(&entry.path(), &shadow.path.join(&name))?;
+        }
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json"))?)?;
+        strip_engram(&mut config);
+        if let Some(text) = config.get_mut("text_config") {
+            strip_engram(text);
+        }
+        std::fs::write(
+            shadow.path.join("config.json"),
+            serde_json::to_vec_pretty(&config)?,
+        )?;
+        Ok(shadow)
+    }
+}
+
+impl Drop for ShadowDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes the keys `EngramConfig::from_hf_config` reads: `engram` and `engram_*`.
+fn strip_engram(config: &mut Value) {
+    if let Some(map) = config.as_object_mut() {
+        map.retain(|k, _| k != "engram" && !k.starts_with("engram_"));
+    }
+}
+
+#[cfg(unix)]
+fn link(from: &Path, to: &Path) -> Result<()> {
+    std::os::unix::fs::symlink(from, to)
+        .with_context(|| format!("linking {} to {}", to.display(), from.display()))
+}
+
+#[cfg(not(unix))]
+fn link(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .map(drop)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))
+}

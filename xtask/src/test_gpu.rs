@@ -1,0 +1,321 @@
+//! `cargo xtask test-gpu`: builds engram-cuda and runs every GPU check with
+//! `ENGRAM_REQUIRE_GPU=1` (a missing GPU fails instead of skipping), then the GPU
+//! benchmark. On a machine with no GPU it builds, says so, and fails: nothing was verified.
+//!
+//! `--bundle DIR` builds here and writes the test binaries, the benchmark and `run.sh` to
+//! DIR, for a GPU machine that has no Rust toolchain: `bash DIR/run.sh` there does the
+//! same checks.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+#[derive(clap::Args)]
+pub struct TestGpuArgs {
+    /// Only build, and write the test binaries, the benchmark and run.sh to DIR.
+    #[arg(long, value_name = "DIR")]
+    bundle: Option<PathBuf>,
+    /// Where the benchmark writes its JSON [default: $OUT/gpu-bench.json, else
+    /// target/gpu-bench.json].
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Smaller benchmark sizes.
+    #[arg(long)]
+    quick: bool,
+    /// Run the tests only, not the benchmark.
+    #[arg(long)]
+    no_bench: bool,
+}
+
+/// engram-cuda's own code optimized; its dependencies keep the dev profile's settings.
+const PROFILE: &str = "profile.dev.package.engram-cuda.opt-level=3";
+
+/// The executables of one build.
+struct Built {
+    /// (name, path): the unit tests ("unit") and each file of tests/ by its stem.
+    tests: Vec<(String, PathBuf)>,
+    bench: PathBuf,
+}
+
+pub fn run(args: TestGpuArgs) -> Result<()> {
+    let built = build()?;
+    if let Some(dir) = &args.bundle {
+        return bundle(&built, dir);
+    }
+    let lib_path = ld_library_path();
+    let probe = Command::new(&built.bench)
+        .arg("--probe")
+        .env("LD_LIBRARY_PATH", &lib_path)
+        .output()
+        .context("running gpu-bench --probe")?;
+    let line = String::from_utf8_lossy(&probe.stdout).trim().to_string();
+    if !probe.status.success() {
+        eprintln!("test-gpu: NO GPU: {line}");
+        bail!(
+            "no GPU here: engram-cuda and its GPU tests were built, but nothing ran on a GPU, \
+             so nothing is verified (see docs/gpu.md)"
+        );
+    }
+    eprintln!("test-gpu: {line}");
+    let mut failed = Vec::new();
+    for (name, exe) in &built.tests {
+        eprintln!(
+            "test-gpu: running {name} ({}) with ENGRAM_REQUIRE_GPU=1",
+            exe.display()
+        );
+        let status = Command::new(exe)
+            .arg("--test-threads=1")
+            .env("ENGRAM_REQUIRE_GPU", "1")
+            .env("LD_LIBRARY_PATH", &lib_path)
+            .status()
+            .with_context(|| format!("running {}", exe.display()))?;
+        if !status.success() {
+            failed.push(name.clone());
+        }
+    }
+    let mut bench_note = String::from("benchmark not run (--no-bench)");
+    if !args.no_bench {
+        let json = args.json.clone().unwrap_or_else(|| {
+            std::env::var_os("OUT")
+                .map(|o| PathBuf::from(o).join("gpu-bench.json"))
+                .unwrap_or_else(|| PathBuf::from("target/gpu-bench.json"))
+        });
+        let mut cmd = Command::new(&built.bench);
+        cmd.arg("--json")
+            .arg(&json)
+            .env("LD_LIBRARY_PATH", &lib_path);
+        if args.quick {
+            cmd.arg("--quick");
+        }
+        let status = cmd.status().context("running gpu-bench")?;
+        if status.success() {
+            bench_note = format!("benchmark JSON: {}", json.display());
+        } else {
+            failed.push("gpu-bench".into());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("GPU checks failed: {}", failed.join(", "));
+    }
+    eprintln!(
+        "test-gpu: all {} test binaries passed on the GPU; {bench_note}",
+        built.tests.len()
+    );
+    Ok(())
+}
+
+/// Builds engram-cuda's tests and binaries; returns their executables.
+fn build() -> Result<Built> {
+    eprintln!("test-gpu: building engram-cuda (cudarc 0.19, CUDA loaded at run time)");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-p",
+            "engram-cuda",
+            "--tests",
+            "--bins",
+            "--config",
+            PROFILE,
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("building engram-cuda failed ({})", out.status);
+    }
+    let mut tests = Vec::new();
+    let mut bench = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if !line.contains("\"reason\":\"compiler-artifact\"") {
+            continue;
+        }
+        let Some(exe) = json_str(line, "executable") else {
+            continue;
+        };
+        let exe = PathBuf::from(exe);
+        let target = json_str(line, "name").unwrap_or_default();
+        // The profile's "test" flag: built as a test harness (the target's own flag only
+        // says whether it can be).
+        let is_test = line
+            .find("\"profile\":{")
+            .and_then(|i| line[i..].split('}').next())
+            .is_some_and(|p| p.contains("\"test\":true"));
+        if target == "gpu-bench" && !is_test {
+            bench = Some(exe);
+        } else if is_test && target != "gpu-bench" {
+            let name = if line.contains("\"kind\":[\"lib\"]") {
+                "unit".to_string()
+            } else {
+                target
+            };
+            tests.push((name, exe));
+        }
+    }
+    tests.sort();
+    let bench = bench.context("the build produced no gpu-bench executable")?;
+    if tests.is_empty() {
+        bail!("the build produced no test executables");
+    }
+    Ok(Built { tests, bench })
+}
+
+/// The string value of the first `"key":"..."` in a line of cargo's JSON (no escapes
+/// expected in paths and target names).
+fn json_str(line: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].replace("\\\\", "\\"))
+}
+
+/// Directories holding NVRTC and cuBLAS, to put on LD_LIBRARY_PATH (the driver's own
+/// libcuda is found by the loader; the toolkit's stub libcuda must never be).
+fn cuda_lib_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = [
+        "/usr/local/cuda/lib64",
+        "/usr/local/cuda/targets/x86_64-linux/lib",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .filter(|p| p.is_dir())
+    .collect();
+    for root in ["/usr/local", "/opt", "/usr/lib"] {
+        find_libs(Path::new(root), 0, &mut dirs);
+    }
+    dirs
+}
+
+fn find_libs(dir: &Path, depth: usize, found: &mut Vec<PathBuf>) {
+    if depth > 9 || dir.file_name().is_some_and(|n| n == "stubs") {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        if kind.is_dir() {
+            find_libs(&path, depth + 1, found);
+        } else {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if (name.starts_with("libnvrtc.so") || name.starts_with("libcublas.so"))
+                && !found.iter().any(|d| d == dir)
+            {
+                found.push(dir.to_path_buf());
+            }
+        }
+    }
+}
+
+fn ld_library_path() -> String {
+    let mut parts: Vec<String> = std::env::var("LD_LIBRARY_PATH")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .into_iter()
+        .collect();
+    parts.extend(cuda_lib_dirs().iter().map(|d| d.display().to_string()));
+    parts.join(":")
+}
+
+/// Copies the executables (debug info stripped when `strip` exists) and writes run.sh.
+fn bundle(built: &Built, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut names = Vec::new();
+    let mut copy = |name: &str, exe: &Path| -> Result<()> {
+        let dst = dir.join(name);
+        std::fs::copy(exe, &dst)
+            .with_context(|| format!("copying {} to {}", exe.display(), dst.display()))?;
+        let _ = Command::new("strip")
+            .arg("--strip-debug")
+            .arg(&dst)
+            .status();
+        names.push(name.to_string());
+        Ok(())
+    };
+    for (name, exe) in &built.tests {
+        copy(name, exe)?;
+    }
+    copy("gpu-bench", &built.bench)?;
+    let tests: Vec<&str> = built.tests.iter().map(|(n, _)| n.as_str()).collect();
+    let script = RUN_SH.replace("@TESTS@", &tests.join(" "));
+    let run = dir.join("run.sh");
+    std::fs::write(&run, script).with_context(|| format!("writing {}", run.display()))?;
+    let size: u64 = names
+        .iter()
+        .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
+        .map(|m| m.len())
+        .sum();
+    eprintln!(
+        "test-gpu: bundle in {} ({} files, {:.1} MiB): on a GPU machine, from the repository \
+         root, run `bash {}/run.sh` (it sets ENGRAM_REQUIRE_GPU=1 and finds the CUDA libraries)",
+        dir.display(),
+        names.len() + 1,
+        size as f64 / (1 << 20) as f64,
+        dir.display()
+    );
+    Ok(())
+}
+
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# engram-cuda GPU checks without cargo: the test binaries and the benchmark built by
+# `cargo xtask test-gpu --bundle DIR`. Run from the repository root (for tests/data).
+# Extra arguments go to gpu-bench (e.g. --quick). Each binary gets at most 300 s.
+# Exit status: 0 all passed, 1 a check failed, 2 no GPU.
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+# With $OUT set (the device tool's output folder), keep a full log there too.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee -a "$OUT/test-gpu.log") 2>&1; fi
+if [ -z "${ENGRAM_TEST_DATA:-}" ]; then
+  for d in "$PWD/tests/data" "$here/../../tests/data"; do
+    if [ -f "$d/forward_demo_small.safetensors" ]; then export ENGRAM_TEST_DATA="$d"; break; fi
+  done
+fi
+# NVRTC and cuBLAS from the toolkit or from pip wheels (never the toolkit's stub libcuda).
+extra=""
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+  [ -d "$d" ] && extra="$extra:$d"
+done
+for f in $(find /usr/local /opt /usr/lib -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) -not -path '*/stubs/*' 2>/dev/null); do
+  extra="$extra:$(dirname "$f")"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
+export ENGRAM_REQUIRE_GPU=1
+if ! "$here/gpu-bench" --probe; then
+  echo "run.sh: NO GPU: nothing was verified" >&2
+  exit 2
+fi
+failed=""
+for t in @TESTS@; do
+  echo "run.sh: running $t with ENGRAM_REQUIRE_GPU=1" >&2
+  timeout 300 "$here/$t" --test-threads=1 || failed="$failed $t"
+done
+json="${OUT:-$here}/gpu-bench.json"
+timeout 300 "$here/gpu-bench" --json "$json" "$@" || failed="$failed gpu-bench"
+if [ -n "$failed" ]; then
+  echo "run.sh: FAILED:$failed" >&2
+  exit 1
+fi
+echo "run.sh: all GPU checks passed; benchmark JSON: $json" >&2
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_cargo_json_strings() {
+        let line = r#"{"reason":"compiler-artifact","target":{"kind":["test"],"name":"gpu","test":true},"profile":{"opt_level":"0","test":true},"executable":"/t/deps/gpu-12ab"}"#;
+        assert_eq!(
+            json_str(line, "executable").as_deref(),
+            Some("/t/deps/gpu-12ab")
+        );
+        assert_eq!(json_str(line, "name").as_deref(), Some("gpu"));
+        assert_eq!(json_str(line, "missing"), None);
+    }
+}
