@@ -8,12 +8,14 @@
 //! whose `config.json` lacks the Engram keys and whose other files link to the originals.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use mistralrs::{ModelDType, RequestBuilder, TextMessageRole, TextMessages, TextModelBuilder};
+use mistralrs::{
+    ModelDType, RequestBuilder, Tensor, TextMessageRole, TextMessages, TextModelBuilder,
+};
 use mistralrs_core::engram::LookupStats;
 use serde_json::{json, Value};
 
@@ -49,6 +51,29 @@ struct Args {
     /// Turn on mistral.rs logging.
     #[arg(long)]
     verbose: bool,
+    /// Write the logits the sampler sees at every step (the last position's, f32, before
+    /// sampling) to FILE as raw little-endian f32: request after request, step after step,
+    /// `vocab` values each. The JSON summary (`--json`) gives the shape and each step's
+    /// argmax (the greedy token ids).
+    #[arg(long)]
+    dump_logits: Option<PathBuf>,
+}
+
+/// One request's logits, step by step, as the sampler's logits processor saw them.
+#[derive(Default)]
+struct LogitsLog {
+    /// (context length, logits) per sampling call.
+    steps: Vec<(usize, Vec<f32>)>,
+}
+
+fn argmax(v: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best
 }
 
 #[tokio::main]
@@ -99,11 +124,28 @@ async fn main() -> Result<()> {
     let gen_start = Instant::now();
     let model = Arc::new(model);
     let mut requests = tokio::task::JoinSet::new();
+    let mut logs = Vec::new();
     for (i, prompt) in args.prompt.iter().enumerate() {
-        let request =
+        let mut request =
             RequestBuilder::from(TextMessages::new().add_message(TextMessageRole::User, prompt))
                 .set_deterministic_sampler()
                 .set_sampler_max_len(args.max_tokens);
+        if args.dump_logits.is_some() {
+            let log = Arc::new(Mutex::new(LogitsLog::default()));
+            logs.push(log.clone());
+            let processor = move |logits: &Tensor, context: &[u32]| -> mistralrs::Result<Tensor> {
+                let values = logits
+                    .to_dtype(mistralrs::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                log.lock()
+                    .expect("logits log poisoned")
+                    .steps
+                    .push((context.len(), values));
+                Ok(logits.clone())
+            };
+            request = request.add_logits_processor(Arc::new(processor));
+        }
         let model = model.clone();
         requests.spawn(async move { (i, model.send_chat_request(request).await) });
     }
@@ -147,7 +189,12 @@ async fn main() -> Result<()> {
             "completion_tok_per_s": usage.avg_compl_tok_per_sec,
         }));
     }
+    let logits = match &args.dump_logits {
+        Some(path) => Some(write_logits(path, &logs)?),
+        None => None,
+    };
     let summary = json!({
+        "logits": logits,
         "model": model_dir,
         "engram": !engram.is_empty(),
         "kv_cache": !args.no_kv_cache,
@@ -192,6 +239,39 @@ async fn main() -> Result<()> {
         eprintln!("engram lookup stats: {}", e["stats"]);
     }
     Ok(())
+}
+
+/// Writes every request's logits to `path` (raw f32 LE) and returns their shape, the
+/// context length at each step and each step's argmax.
+fn write_logits(path: &Path, logs: &[Arc<Mutex<LogitsLog>>]) -> Result<Value> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    let mut vocab = None;
+    let mut requests = Vec::new();
+    for log in logs {
+        let log = log.lock().expect("logits log poisoned");
+        let mut ids = Vec::new();
+        let mut context = Vec::new();
+        for (len, values) in &log.steps {
+            if *vocab.get_or_insert(values.len()) != values.len() {
+                bail!(
+                    "logits of different lengths ({} and {})",
+                    vocab.unwrap_or(0),
+                    values.len()
+                );
+            }
+            for v in values {
+                out.write_all(&v.to_le_bytes())?;
+            }
+            ids.push(argmax(values));
+            context.push(*len);
+        }
+        requests.push(json!({"steps": log.steps.len(), "context_len": context, "argmax_ids": ids}));
+    }
+    out.flush()?;
+    Ok(json!({"file": path, "vocab": vocab.unwrap_or(0), "requests": requests}))
 }
 
 /// What `total` added to `earlier` (stats are running totals).

@@ -1,6 +1,8 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod demo;
+mod e2e;
 mod mistralrs;
 mod model;
 mod test_gpu;
@@ -37,6 +39,16 @@ enum Task {
     /// Fetches mistralrs-core 0.8.1, applies patches/mistralrs-core-0.8.1-engram.patch in
     /// target/mistralrs-build/ and builds engram-mistralrs-host there (see docs/mistralrs.md).
     MistralrsBuild(mistralrs::MistralrsBuildArgs),
+    /// Builds what it needs, fetches the model and writes the seeded Engram checkpoint on
+    /// first use (cached), and generates with Engram on and off through the patched
+    /// mistral.rs host: text, tokens/s of both, lookup stats.
+    Demo(demo::DemoArgs),
+    /// End-to-end checks through the patched mistral.rs host (identity with a zero-value
+    /// checkpoint, KV cache vs recompute, concurrent vs single, greedy-id snapshot).
+    MistralrsTest(e2e::TestArgs),
+    /// Prefill and decode tokens/s through the patched mistral.rs host, Engram on and off,
+    /// as one JSON object (see docs/benchmarks-e2e.md).
+    BenchE2e(e2e::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +79,9 @@ fn run(cli: Cli) -> Result<()> {
         Task::Bench => bench::run(),
         Task::TestGpu(args) => test_gpu::run(args),
         Task::MistralrsBuild(args) => mistralrs::run(args),
+        Task::Demo(args) => demo::run(args),
+        Task::MistralrsTest(args) => e2e::test(args),
+        Task::BenchE2e(args) => e2e::bench(args),
     }
 }
 
