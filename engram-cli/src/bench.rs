@@ -324,30 +324,31 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
     let c = cfg.branch_channels();
     let hidden = vec![0.25f32; seqs * c];
     // Per-step stats, so steps where the gather outran the host's work can be told apart.
-    let run = |rt: &EngramRuntime, host_work: Duration| -> Result<Vec<engram_plugin::LookupStats>> {
-        let mut per_step = Vec::new();
-        for s in 0..steps {
-            let tokens: Vec<[u32; 1]> = (0..seqs as u64)
-                .map(|b| [rng_token(s * 1000 + b)])
-                .collect();
-            let inputs: Vec<SequenceInput<'_>> = tokens
-                .iter()
-                .enumerate()
-                .map(|(b, t)| SequenceInput {
-                    seq_id: b as u64,
-                    tokens: t,
-                    position: s as usize,
-                    dead: None,
-                    context: None,
-                })
-                .collect();
-            let mut step = rt.begin_step(&inputs, &[])?;
-            spin(host_work);
-            step.apply_packed(1, &hidden)?;
-            per_step.push(step.finish());
-        }
-        Ok(per_step)
-    };
+    let run =
+        |rt: &EngramRuntime, host_work: Duration| -> Result<Vec<engram_plugin::LookupStats>> {
+            let mut per_step = Vec::new();
+            for s in 0..steps {
+                let tokens: Vec<[u32; 1]> = (0..seqs as u64)
+                    .map(|b| [rng_token(s * 1000 + b)])
+                    .collect();
+                let inputs: Vec<SequenceInput<'_>> = tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(b, t)| SequenceInput {
+                        seq_id: b as u64,
+                        tokens: t,
+                        position: s as usize,
+                        dead: None,
+                        context: None,
+                    })
+                    .collect();
+                let mut step = rt.begin_step(&inputs, &[])?;
+                spin(host_work);
+                step.apply_packed(1, &hidden)?;
+                per_step.push(step.finish());
+            }
+            Ok(per_step)
+        };
     // The simulated host computes on one core (its layer math too), leaving the other to
     // the prefetch thread, as a GPU host leaves its CPU cores. Without this, rayon's idle
     // workers spin after each layer forward and take the core the prefetch needs.
