@@ -178,6 +178,7 @@ fn patch(root: &Path, build: &Path, pristine: &Path) -> Result<PathBuf> {
         && fs::read_to_string(&stamp).is_ok_and(|s| s == stamp_text)
     {
         eprintln!("xtask: {} is up to date with {PATCH}", dest.display());
+        pin_git_head(&dest)?;
         return Ok(dest);
     }
     let _ = fs::remove_file(&stamp);
@@ -208,9 +209,22 @@ fn patch(root: &Path, build: &Path, pristine: &Path) -> Result<PathBuf> {
         &manifest,
         text.replace(PLUGIN_PLACEHOLDER, &toml_path(&plugin)),
     )?;
+    pin_git_head(&dest)?;
     fs::write(&stamp, stamp_text)?;
     eprintln!("xtask: applied {PATCH} in {}", dest.display());
     Ok(dest)
+}
+
+/// mistralrs-core's build script asks cargo to rerun it when `.git/HEAD` changes; a
+/// crate copy has no such file, and cargo reruns a build script whose watched file is
+/// missing, which rebuilds the whole crate every time. A fixed file keeps it stable.
+fn pin_git_head(crate_dir: &Path) -> Result<()> {
+    let head = crate_dir.join(".git").join("HEAD");
+    if !head.is_file() {
+        fs::create_dir_all(crate_dir.join(".git"))?;
+        fs::write(&head, "0000000000000000000000000000000000000000\n")?;
+    }
+    Ok(())
 }
 
 /// Writes `build/host`: the host crate's manifest with absolute paths into this checkout,
