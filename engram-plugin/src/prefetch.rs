@@ -47,12 +47,20 @@ impl FetchJob {
     /// Runs the gather here and fills the slot (used by the worker and by synchronous mode).
     pub fn run(self) {
         let start = Instant::now();
-        let mut out = vec![0f32; self.rows.len() * self.table.width()];
-        let result = self
-            .table
-            .gather_f32(&self.rows, &mut out)
-            .map(|()| out)
-            .map_err(|e| e.to_string());
+        // A panicking store must not leave the host waiting forever on this slot.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut out = vec![0f32; self.rows.len() * self.table.width()];
+            self.table
+                .gather_f32(&self.rows, &mut out)
+                .map(|()| out)
+                .map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "the table store `{}` panicked while gathering",
+                self.table.name()
+            ))
+        });
         self.slot.fill(result, start.elapsed());
     }
 }

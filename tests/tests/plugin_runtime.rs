@@ -419,3 +419,68 @@ fn errors_reach_the_host() {
         .to_string();
     assert!(e.contains("disk on fire") && e.contains("layer 1"), "{e}");
 }
+
+/// A store that panics: the host gets an error, not a hang.
+struct PanickingTable(DenseTable);
+
+impl TableStore for PanickingTable {
+    fn name(&self) -> &str {
+        "panicking"
+    }
+    fn num_rows(&self) -> u64 {
+        self.0.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    fn dtype(&self) -> engram_core::dtype::RowDtype {
+        self.0.dtype()
+    }
+    fn gather_f32(&self, _: &[u64], _: &mut [f32]) -> engram_core::Result<()> {
+        panic!("bug in a table store")
+    }
+}
+
+#[test]
+fn a_panicking_store_is_an_error() {
+    let fx = fixture(Variant::Paper, 1, 16, 6);
+    let c = fx.cfg.branch_channels();
+    let layers = fx
+        .cfg
+        .hash
+        .layer_ids
+        .iter()
+        .zip(&fx.tables)
+        .zip(&fx.weights)
+        .map(|((&layer_id, t), w)| RuntimeLayer {
+            layer_id,
+            table: Arc::new(PanickingTable(t.clone())),
+            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
+        })
+        .collect();
+    let identity = VocabCompression::from_lookup((0..500).collect()).unwrap();
+    let rt = EngramRuntime::from_parts(
+        fx.cfg.clone(),
+        Arc::new(identity),
+        layers,
+        RuntimeOptions::default(),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let tokens = [1u32, 2];
+        let input = SequenceInput {
+            seq_id: 9,
+            tokens: &tokens,
+            position: 0,
+            dead: None,
+            context: None,
+        };
+        let mut step = rt.begin_step(&[input], &[]).unwrap();
+        let e = step
+            .apply_packed(1, &vec![0.0; 2 * c])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("panicked") && e.contains("layer 1"), "{e}");
+    }
+}
