@@ -1,6 +1,7 @@
 //! Feeding sequences in random chunks, mixed in batches with other sequences at other
 //! positions, gives the outputs of the whole-sequence forward (both variants).
 
+use engram_cli::golden::relative_error as rel_err;
 use engram_core::backend::{EngramLayer, Segment};
 use engram_core::config::Variant;
 use engram_core::hashing::NgramHasher;
@@ -9,16 +10,6 @@ use engram_core::sequence::{hash_step, layer_segments, SequenceState, StepTokens
 use engram_core::table::TableStore;
 use engram_core::testing::{random_hidden, TestRng};
 use engram_tests::{fixture, Fixture};
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
-}
 
 /// Runs `sequences` whole, then chunked and interleaved, through `layers`; returns the worst relative error.
 fn chunked_vs_whole(fx: &Fixture, layers: &[Box<dyn EngramLayer>], seed: u64) -> f64 {

@@ -1,6 +1,7 @@
 //! Opening the runtime from files on disk and running the golden samples through it as
 //! a host would: the outputs equal the original implementation's.
 
+use engram_cli::golden::relative_error;
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
 use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
@@ -76,13 +77,7 @@ fn golden_through_runtime(file: &str) {
                 Variant::V41 => expected,
             };
             let got = &outputs[l];
-            let num: f64 = got
-                .iter()
-                .zip(&expected)
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum();
-            let den: f64 = expected.iter().map(|b| (*b as f64).powi(2)).sum();
-            let rel = (num / den).sqrt();
+            let rel = relative_error(got, &expected);
             let tol = if cfg.variant == Variant::Paper {
                 1e-6
             } else {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
+use engram_cli::golden::relative_error as rel_err;
 use engram_core::backend::{EngramLayer, Segment};
 use engram_core::compress::VocabCompression;
 use engram_core::config::Variant;
@@ -18,6 +19,15 @@ use engram_plugin::{
 use engram_tests::{fixture, Fixture};
 
 fn runtime(fx: &Fixture, options: RuntimeOptions) -> EngramRuntime {
+    runtime_over(fx, options, |t| Arc::new(t.clone()))
+}
+
+/// A runtime whose tables are `wrap`ped copies of the fixture's.
+fn runtime_over(
+    fx: &Fixture,
+    options: RuntimeOptions,
+    wrap: impl Fn(&DenseTable) -> Arc<dyn TableStore>,
+) -> EngramRuntime {
     let layers = fx
         .cfg
         .hash
@@ -27,7 +37,7 @@ fn runtime(fx: &Fixture, options: RuntimeOptions) -> EngramRuntime {
         .zip(&fx.weights)
         .map(|((&layer_id, table), w)| RuntimeLayer {
             layer_id,
-            table: Arc::new(table.clone()),
+            table: wrap(table),
             layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
         })
         .collect();
@@ -91,16 +101,6 @@ fn new_sequence(fx: &Fixture, id: u64, rng: &mut TestRng) -> Sequence {
         expected,
         fed: 0,
     }
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-300)).sqrt()
 }
 
 fn drive_like_a_host(variant: Variant, padding: Padding, prefetch: bool, seed: u64) {
@@ -299,24 +299,40 @@ fn ten_thousand_sequences_stay_bounded() {
     }
 }
 
-/// A table whose gathers always fail, to check that fetch errors reach the host.
-struct BrokenTable(DenseTable);
+/// A table whose gathers always fail (an error, or a panic), to check that fetch
+/// failures reach the host as errors.
+struct FailingTable {
+    inner: DenseTable,
+    panics: bool,
+}
 
-impl TableStore for BrokenTable {
+impl TableStore for FailingTable {
     fn name(&self) -> &str {
-        "broken"
+        "failing"
     }
     fn num_rows(&self) -> u64 {
-        self.0.num_rows()
+        self.inner.num_rows()
     }
     fn width(&self) -> usize {
-        self.0.width()
+        self.inner.width()
     }
     fn dtype(&self) -> engram_core::dtype::RowDtype {
-        self.0.dtype()
+        self.inner.dtype()
     }
     fn gather_f32(&self, _: &[u64], _: &mut [f32]) -> engram_core::Result<()> {
+        if self.panics {
+            panic!("bug in a table store")
+        }
         Err(engram_core::EngramError::Other("disk on fire".into()))
+    }
+}
+
+fn failing(panics: bool) -> impl Fn(&DenseTable) -> Arc<dyn TableStore> {
+    move |t| {
+        Arc::new(FailingTable {
+            inner: t.clone(),
+            panics,
+        })
     }
 }
 
@@ -390,27 +406,7 @@ fn errors_reach_the_host() {
     step.apply_packed(1, &vec![0.0; c]).unwrap();
     step.finish();
 
-    let layers = fx
-        .cfg
-        .hash
-        .layer_ids
-        .iter()
-        .zip(&fx.tables)
-        .zip(&fx.weights)
-        .map(|((&layer_id, t), w)| RuntimeLayer {
-            layer_id,
-            table: Arc::new(BrokenTable(t.clone())),
-            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
-        })
-        .collect();
-    let identity = VocabCompression::from_lookup((0..500).collect()).unwrap();
-    let broken = EngramRuntime::from_parts(
-        fx.cfg.clone(),
-        Arc::new(identity),
-        layers,
-        RuntimeOptions::default(),
-    )
-    .unwrap();
+    let broken = runtime_over(&fx, RuntimeOptions::default(), failing(false));
     let mut step = broken.begin_step(&[input(1, &[1, 2], 0)], &[]).unwrap();
     let e = step
         .apply_packed(1, &vec![0.0; 2 * c])
@@ -421,51 +417,11 @@ fn errors_reach_the_host() {
 }
 
 /// A store that panics: the host gets an error, not a hang.
-struct PanickingTable(DenseTable);
-
-impl TableStore for PanickingTable {
-    fn name(&self) -> &str {
-        "panicking"
-    }
-    fn num_rows(&self) -> u64 {
-        self.0.num_rows()
-    }
-    fn width(&self) -> usize {
-        self.0.width()
-    }
-    fn dtype(&self) -> engram_core::dtype::RowDtype {
-        self.0.dtype()
-    }
-    fn gather_f32(&self, _: &[u64], _: &mut [f32]) -> engram_core::Result<()> {
-        panic!("bug in a table store")
-    }
-}
-
 #[test]
 fn a_panicking_store_is_an_error() {
     let fx = fixture(Variant::Paper, 1, 16, 6);
     let c = fx.cfg.branch_channels();
-    let layers = fx
-        .cfg
-        .hash
-        .layer_ids
-        .iter()
-        .zip(&fx.tables)
-        .zip(&fx.weights)
-        .map(|((&layer_id, t), w)| RuntimeLayer {
-            layer_id,
-            table: Arc::new(PanickingTable(t.clone())),
-            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
-        })
-        .collect();
-    let identity = VocabCompression::from_lookup((0..500).collect()).unwrap();
-    let rt = EngramRuntime::from_parts(
-        fx.cfg.clone(),
-        Arc::new(identity),
-        layers,
-        RuntimeOptions::default(),
-    )
-    .unwrap();
+    let rt = runtime_over(&fx, RuntimeOptions::default(), failing(true));
     for _ in 0..2 {
         let tokens = [1u32, 2];
         let input = SequenceInput {
