@@ -3,9 +3,11 @@
 //! The `engram` command and the library behind it, so tests can call what the command
 //! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
-//! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model).
+//! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
+//! `check-trace` (a host's Engram trace against the reference forward).
 
 pub mod bench;
+pub mod check_trace;
 pub mod golden;
 pub mod init_checkpoint;
 pub mod inspect;

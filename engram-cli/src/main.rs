@@ -67,6 +67,22 @@ enum Command {
     /// Face model: OUT gets the model's files (linked), its config.json with an `engram`
     /// object, and engram.safetensors.
     InitCheckpoint(engram_cli::init_checkpoint::InitArgs),
+    /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
+    /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
+    /// same hidden states and ids. Exit code 1 when it does not match.
+    CheckTrace {
+        /// The model directory (or weights file) the host opened its Engram runtime from.
+        #[arg(long)]
+        model: PathBuf,
+        /// The trace directory.
+        trace: PathBuf,
+        /// Largest relative error (L2, per sequence and layer) that passes.
+        #[arg(long, default_value_t = 1e-5)]
+        tolerance: f64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -124,6 +140,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print!("{}", inspect::format_text(&report));
             }
             if !report.consistent() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::CheckTrace {
+            model,
+            trace,
+            tolerance,
+            json,
+        } => {
+            let report = engram_cli::check_trace::check_trace(&model, &trace, tolerance)?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+            if !report.passed() {
                 return Ok(ExitCode::from(1));
             }
         }

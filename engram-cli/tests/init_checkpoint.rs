@@ -1,91 +1,14 @@
 //! `engram init-checkpoint`: a small checkpoint for a fake model is consistent for
 //! `engram inspect`, opens in the runtime, and with `--zero-value` adds exactly nothing.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{engram, fake_model, runtime, write_small, HIDDEN};
 use engram_cli::init_checkpoint::{init_checkpoint, InitArgs, ENGRAM_FILE};
 use engram_core::testing::TestRng;
-use engram_plugin::{EngramRuntime, OpenOptions, RuntimeOptions, SequenceInput};
-
-const TOKENIZER: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../tests/data/deepseek-v4-tokenizer/tokenizer.json"
-);
-const HIDDEN: usize = 64;
-
-/// A model directory with a minimal config.json (hidden size 64) and a tokenizer.
-fn fake_model(dir: &Path) -> PathBuf {
-    let model = dir.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    std::fs::write(
-        model.join("config.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": HIDDEN,
-            "num_hidden_layers": 4,
-            "rms_norm_eps": 1e-5,
-            "eos_token_id": 1
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-    std::fs::copy(TOKENIZER, model.join("tokenizer.json")).unwrap();
-    model
-}
-
-fn engram(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .args(args)
-        .output()
-        .expect("engram runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
-}
-
-/// `engram init-checkpoint` with a tiny vocabulary; `extra` adds flags.
-fn write_small(model: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "init-checkpoint",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--layers",
-        "1,3",
-        "--max-ngram",
-        "3",
-        "--heads",
-        "2",
-        "--n-embed-per-ngram",
-        "32",
-        "--vocab",
-        "100",
-        "--seed",
-        "7",
-    ];
-    args.extend_from_slice(extra);
-    let (code, stdout, stderr) = engram(&args);
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("engram.safetensors"), "{stdout}");
-}
-
-fn runtime(dir: &Path) -> EngramRuntime {
-    let options = OpenOptions {
-        runtime: RuntimeOptions {
-            prefetch: false,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    EngramRuntime::open(dir, options)
-        .expect("opens")
-        .expect("has an Engram config")
-}
+use engram_plugin::{EngramRuntime, SequenceInput};
 
 /// Runs every Engram layer of `rt` on random hidden states of one sequence; returns
 /// (hidden, output) per layer.

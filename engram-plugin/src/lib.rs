@@ -21,9 +21,11 @@ pub mod prefetch;
 pub mod runtime;
 pub mod stats;
 pub mod step;
+pub mod trace;
 
 pub use error::{PluginError, Result};
 pub use open::{BackendKind, OpenOptions};
 pub use runtime::{EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput};
 pub use stats::LookupStats;
 pub use step::Step;
+pub use trace::{LayerTrace, Trace};

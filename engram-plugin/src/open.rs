@@ -11,6 +11,7 @@ use engram_core::checkpoint::{layer_prefix, load_layer_weights, Checkpoint, Safe
 use engram_core::compress::VocabCompression;
 use engram_core::config::EngramConfig;
 use engram_core::primes::table_layouts;
+use engram_core::reference::ReferenceLayer;
 use engram_core::EngramError;
 use engram_cpu::layer::CpuLayer;
 use engram_cpu::table::TableMode;
@@ -24,6 +25,9 @@ use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 pub enum BackendKind {
     #[default]
     Cpu,
+    /// The core's reference math (plain loops, f64 accumulation): slow, for checking a
+    /// host integration or another backend against.
+    Reference,
     /// The CUDA device `ordinal` (rows are gathered on the host and uploaded per layer);
     /// opening fails with a clear error where there is no driver or device.
     Cuda { ordinal: usize },
@@ -77,7 +81,7 @@ impl EngramRuntime {
             .collect::<engram_core::Result<Vec<_>>>()?;
 
         let cuda = match options.backend {
-            BackendKind::Cpu => None,
+            BackendKind::Cpu | BackendKind::Reference => None,
             BackendKind::Cuda { ordinal } => {
                 Some(engram_cuda::CudaBackend::try_new(ordinal).map_err(|e| {
                     PluginError::Step(format!("the CUDA backend was asked for: {e}"))
@@ -104,6 +108,9 @@ impl EngramRuntime {
                 load_layer_weights(&ck, &cfg, layout.layer_id)?
             };
             let layer: Arc<dyn engram_core::backend::EngramLayer> = match &cuda {
+                None if options.backend == BackendKind::Reference => {
+                    Arc::new(ReferenceLayer::new(cfg.clone(), layout.layer_id, weights)?)
+                }
                 None => Arc::new(CpuLayer::new(cfg.clone(), layout.layer_id, weights)?),
                 Some(backend) => Arc::new(
                     engram_cuda::CudaLayer::new(backend, cfg.clone(), layout.layer_id, &weights)

@@ -2,6 +2,7 @@
 //! driven by the host one step (one forward pass over a batch) at a time.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use engram_core::backend::EngramLayer;
@@ -15,6 +16,7 @@ use crate::error::{PluginError, Result};
 use crate::prefetch::{FetchJob, FetchSlot, Prefetcher};
 use crate::stats::LookupStats;
 use crate::step::{PendingFetch, Step};
+use crate::trace::{TraceWriter, TracedInput};
 
 /// One Engram layer as the runtime holds it.
 pub struct RuntimeLayer {
@@ -41,6 +43,9 @@ pub struct RuntimeOptions {
     /// Fetch rows on a background thread as soon as a step starts (else inside `apply`).
     pub prefetch: bool,
     pub padding: Padding,
+    /// Record every Engram layer's inputs and outputs in this directory (see
+    /// [`crate::trace`]; for checking an integration, not for serving).
+    pub trace_dir: Option<PathBuf>,
 }
 
 impl Default for RuntimeOptions {
@@ -49,6 +54,7 @@ impl Default for RuntimeOptions {
             max_sequences: 4096,
             prefetch: true,
             padding: Padding::Right,
+            trace_dir: None,
         }
     }
 }
@@ -90,6 +96,7 @@ pub struct EngramRuntime {
     sequences: Mutex<SequenceTable>,
     prefetcher: Option<Prefetcher>,
     totals: Mutex<LookupStats>,
+    trace: Option<TraceWriter>,
 }
 
 impl EngramRuntime {
@@ -118,6 +125,14 @@ impl EngramRuntime {
             } else {
                 None
             };
+        let trace = match &options.trace_dir {
+            Some(dir) => Some(TraceWriter::create(
+                dir,
+                cfg.branch_channels(),
+                &cfg.hash.layer_ids,
+            )?),
+            None => None,
+        };
         Ok(Self {
             cfg,
             compression,
@@ -130,6 +145,7 @@ impl EngramRuntime {
             sequences: Mutex::default(),
             prefetcher,
             totals: Mutex::default(),
+            trace,
         })
     }
 
@@ -222,7 +238,17 @@ impl EngramRuntime {
                 }
             })
             .collect();
-        Ok(Step::new(self, states, rows, fetches))
+        let traced = self.trace.as_ref().map(|_| {
+            inputs
+                .iter()
+                .map(|i| TracedInput {
+                    seq_id: i.seq_id,
+                    position: i.position,
+                    tokens: i.tokens.to_vec(),
+                })
+                .collect()
+        });
+        Ok(Step::new(self, states, rows, fetches, traced))
     }
 
     /// Moves each input's state out of the table (or creates it), checking positions.
@@ -311,6 +337,10 @@ impl EngramRuntime {
             }
         }
         evicted
+    }
+
+    pub(crate) fn trace(&self) -> Option<&TraceWriter> {
+        self.trace.as_ref()
     }
 
     pub(crate) fn record(&self, stats: &LookupStats) {

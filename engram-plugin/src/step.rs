@@ -11,6 +11,7 @@ use crate::error::{PluginError, Result};
 use crate::prefetch::{FetchJob, FetchSlot};
 use crate::runtime::{EngramRuntime, Padding};
 use crate::stats::LookupStats;
+use crate::trace::TracedInput;
 
 /// A layer's rows: queued on the prefetch thread, or to be gathered when asked for.
 pub(crate) enum PendingFetch {
@@ -26,6 +27,8 @@ pub struct Step<'r> {
     fetches: Vec<PendingFetch>,
     stats: LookupStats,
     closed: bool,
+    /// The step's inputs, kept only when the runtime traces.
+    traced: Option<Vec<TracedInput>>,
 }
 
 impl<'r> Step<'r> {
@@ -34,6 +37,7 @@ impl<'r> Step<'r> {
         states: Vec<(u64, SequenceState)>,
         rows: StepRows,
         fetches: Vec<PendingFetch>,
+        traced: Option<Vec<TracedInput>>,
     ) -> Self {
         let tokens = rows.tokens() as u64;
         let row_count: u64 = rows.rows.iter().map(|r| r.len() as u64).sum();
@@ -56,6 +60,7 @@ impl<'r> Step<'r> {
                 ..Default::default()
             },
             closed: false,
+            traced,
         }
     }
 
@@ -92,6 +97,9 @@ impl<'r> Step<'r> {
                 // so a layer that adds nothing is exactly the identity.
                 *o = if *o == 0.0 { h } else { h + *o };
             }
+        }
+        if let (Some(trace), Some(inputs)) = (self.runtime.trace(), &self.traced) {
+            trace.record(layer_id, inputs, hidden, &out)?;
         }
         Ok(out)
     }

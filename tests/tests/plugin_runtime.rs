@@ -116,6 +116,7 @@ fn drive_like_a_host(variant: Variant, padding: Padding, prefetch: bool, seed: u
             max_sequences: 64,
             prefetch,
             padding,
+            trace_dir: None,
         },
     );
     let mut rng = TestRng::new(seed * 7 + 1);
@@ -252,6 +253,7 @@ fn ten_thousand_sequences_stay_bounded() {
                 max_sequences: 256,
                 prefetch: true,
                 padding: Padding::Right,
+                trace_dir: None,
             },
         );
         let mut previous: Vec<u64> = Vec::new();
