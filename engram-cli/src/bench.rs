@@ -31,13 +31,15 @@ pub struct BenchReport {
     /// hashing through the per-sequence history (`hash_step`).
     pub hash_decode_tokens_per_s: f64,
     /// Gather throughput in GB/s (bytes of rows copied per second) of random rows of a
-    /// 256 MiB table (larger than the caches), memory-mapped and warmed, rows stored as
-    /// f32, 64 MiB of rows per pass, all threads; keyed by row bytes (128, 256, 512, 1024).
+    /// A table of 4x the largest CPU cache (at least 256 MiB, at most 2 GiB),
+    /// memory-mapped and warmed, rows stored as f32, random rows, 2x the largest cache
+    /// (64 MiB to 1 GiB) of rows per pass, all threads, best of 5 passes; keyed by row
+    /// bytes (128, 256, 512, 1024).
     pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
     pub gather_gb_per_s: f64,
-    /// One sequential 64 MiB `copy_from_slice` within the same table, one thread: the
-    /// memory bandwidth baseline for the gather.
+    /// One sequential `copy_from_slice` of the same bytes per pass out of the same table,
+    /// one thread, best of 5: the memory bandwidth baseline for the gather.
     pub memcpy_gb_per_s: f64,
     /// gather / memcpy at 128-byte rows.
     pub gather_vs_memcpy: f64,
@@ -170,8 +172,10 @@ fn mapped_table(
         other => anyhow::bail!("bench tables are f32 or bf16, not {other}"),
     };
     let mut rng = TestRng::new(seed);
-    let data: Vec<u8> = (0..rows * width * elem)
-        .map(|_| rng.next_u64() as u8 & 0x3f)
+    // Small finite values; eight bytes per draw keeps a table of gigabytes quick to write.
+    let data: Vec<u8> = (0..(rows * width * elem).div_ceil(8))
+        .flat_map(|_| (rng.next_u64() & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes())
+        .take(rows * width * elem)
         .collect();
     let path = dir.join(format!("{name}.safetensors"));
     let st_dtype = if elem == 4 {
@@ -204,14 +208,40 @@ fn mapped_table(
     Ok(table)
 }
 
+/// The largest CPU cache (usually the shared L3) from Linux's sysfs; 64 MiB where unknown.
+fn largest_cache_bytes() -> usize {
+    let parse = |text: &str| -> Option<usize> {
+        let t = text.trim();
+        let (num, mult) = match t.chars().last()? {
+            'K' => (&t[..t.len() - 1], 1 << 10),
+            'M' => (&t[..t.len() - 1], 1 << 20),
+            'G' => (&t[..t.len() - 1], 1 << 30),
+            _ => (t, 1),
+        };
+        Some(num.parse::<usize>().ok()? * mult)
+    };
+    (0..8)
+        .filter_map(|i| {
+            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size"))
+                .ok()
+        })
+        .filter_map(|t| parse(&t))
+        .max()
+        .unwrap_or(64 << 20)
+}
+
 fn bench_gather(dir: &std::path::Path) -> Result<(Vec<(usize, f64)>, f64)> {
-    const TABLE_BYTES: usize = 256 << 20;
-    const PASS_BYTES: usize = 64 << 20;
+    // Both sides must come from memory, not cache: the table is 4x the largest cache and
+    // each pass (the gather's output, the copy's source) 2x, so no pass can stay cached
+    // for the next (a 300 MiB L3 is seen on cloud VMs).
+    let cache = largest_cache_bytes();
+    let table_bytes = (4 * cache).clamp(256 << 20, 2 << 30);
+    let pass_bytes = (2 * cache).clamp(64 << 20, 1 << 30);
     let mut by_row = Vec::new();
     let mut memcpy_gb_per_s = 0.0;
     for (i, row_bytes) in [128usize, 256, 512, 1024].into_iter().enumerate() {
         let width = row_bytes / 4;
-        let rows = TABLE_BYTES / row_bytes;
+        let rows = table_bytes / row_bytes;
         let table = mapped_table(
             dir,
             &format!("gather{row_bytes}"),
@@ -221,20 +251,21 @@ fn bench_gather(dir: &std::path::Path) -> Result<(Vec<(usize, f64)>, f64)> {
             i as u64,
         )?;
         let mut rng = TestRng::new(7 + i as u64);
-        let ids: Vec<u64> = (0..PASS_BYTES / row_bytes)
+        let ids: Vec<u64> = (0..pass_bytes / row_bytes)
             .map(|_| rng.below(rows as u64))
             .collect();
         let mut out = vec![0f32; ids.len() * width];
         let took = best_of(5, || table.gather_f32(&ids, &mut out).unwrap());
-        by_row.push((row_bytes, PASS_BYTES as f64 / took.as_secs_f64() / 1e9));
+        by_row.push((row_bytes, pass_bytes as f64 / took.as_secs_f64() / 1e9));
+        drop(out);
         if i == 0 {
-            let src = &table.values_bytes()[..PASS_BYTES];
-            let mut dst = vec![0u8; PASS_BYTES];
+            let src = &table.values_bytes()[..pass_bytes];
+            let mut dst = vec![0u8; pass_bytes];
             let took = best_of(5, || {
                 dst.copy_from_slice(src);
                 black_box(&dst);
             });
-            memcpy_gb_per_s = PASS_BYTES as f64 / took.as_secs_f64() / 1e9;
+            memcpy_gb_per_s = pass_bytes as f64 / took.as_secs_f64() / 1e9;
         }
         std::fs::remove_file(dir.join(format!("gather{row_bytes}.safetensors"))).ok();
     }

@@ -5,6 +5,7 @@
 //! layers are the reference math (f64 accumulation), fed the hidden states the host
 //! handed its Engram layers; the host's outputs must match. The host may have fed the
 //! sequence in any chunks (prefill, decode, batched with others): the replay does not.
+//! A sequence the host started again at position 0 is replayed once per start.
 
 use std::path::Path;
 
@@ -20,6 +21,9 @@ use crate::golden::relative_error;
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerCheck {
     pub seq_id: u64,
+    /// Which start of the sequence at position 0 (0 for the first; an engine may
+    /// recompute a sequence from scratch, which starts a new run).
+    pub run: usize,
     pub layer_id: usize,
     pub tokens: usize,
     /// Relative error (L2) of what the layer added to the residual stream (paper variant)
@@ -45,8 +49,8 @@ impl TraceReport {
         let mut s = String::new();
         for c in &self.checks {
             s.push_str(&format!(
-                "sequence {} layer {}: {} tokens, rel err {:.3e}\n",
-                c.seq_id, c.layer_id, c.tokens, c.rel_err
+                "sequence {} (run {}) layer {}: {} tokens, rel err {:.3e}\n",
+                c.seq_id, c.run, c.layer_id, c.tokens, c.rel_err
             ));
         }
         for p in &self.problems {
@@ -98,15 +102,6 @@ pub fn check_trace(model: &Path, trace_dir: &Path, tolerance: f64) -> Result<Tra
     };
     for (&seq_id, layers) in &trace.sequences {
         let first = &layers[0];
-        let whole = (0..first.positions.len() as u64).eq(first.positions.iter().copied());
-        if !whole {
-            report.problems.push(format!(
-                "sequence {seq_id}: positions {:?}... are not 0, 1, 2, ... (a reused trace \
-                 directory, or a host that skipped or repeated tokens)",
-                &first.positions[..first.positions.len().min(8)]
-            ));
-            continue;
-        }
         let ids: Vec<usize> = layers.iter().map(|l| l.layer_id).collect();
         if ids != trace.layer_ids {
             report.problems.push(format!(
@@ -125,40 +120,90 @@ pub fn check_trace(model: &Path, trace_dir: &Path, tolerance: f64) -> Result<Tra
             ));
             continue;
         }
-        let input = SequenceInput {
-            seq_id,
-            tokens: &first.tokens,
-            position: 0,
-            dead: None,
-            context: None,
+        let Some(runs) = runs(&first.positions) else {
+            report.problems.push(format!(
+                "sequence {seq_id}: positions {:?}... do not run 0, 1, 2, ... from each \
+                 start at 0 (a reused trace directory, or a host that skipped or repeated \
+                 tokens)",
+                &first.positions[..first.positions.len().min(8)]
+            ));
+            continue;
         };
-        let mut step = runtime.begin_step(&[input], &[])?;
-        for layer in layers {
-            let expected = step.apply_packed(layer.layer_id, &layer.input)?;
-            let rel_err = if cfg.variant.output_is_delta() {
-                let added = |out: &[f32]| -> Vec<f32> {
-                    out.iter().zip(&layer.input).map(|(o, h)| o - h).collect()
-                };
-                relative_error(&added(&layer.output), &added(&expected))
-            } else {
-                relative_error(&layer.output, &expected)
-            };
-            // NaN would slip through `max`.
-            let rel_err = if rel_err.is_nan() {
-                f64::INFINITY
-            } else {
-                rel_err
-            };
-            report.max_rel_err = report.max_rel_err.max(rel_err);
-            report.checks.push(LayerCheck {
+        for (run, tokens) in runs.into_iter().enumerate() {
+            let input = SequenceInput {
                 seq_id,
-                layer_id: layer.layer_id,
-                tokens: layer.input.len() / c,
-                rel_err,
-            });
+                tokens: &first.tokens[tokens.clone()],
+                position: 0,
+                dead: None,
+                context: None,
+            };
+            let mut step = runtime.begin_step(&[input], &[])?;
+            let rows = tokens.start * c..tokens.end * c;
+            for layer in layers {
+                let hidden = &layer.input[rows.clone()];
+                let host = &layer.output[rows.clone()];
+                let expected = step.apply_packed(layer.layer_id, hidden)?;
+                let rel_err = if cfg.variant.output_is_delta() {
+                    let added = |out: &[f32]| -> Vec<f32> {
+                        out.iter().zip(hidden).map(|(o, h)| o - h).collect()
+                    };
+                    relative_error(&added(host), &added(&expected))
+                } else {
+                    relative_error(host, &expected)
+                };
+                // NaN would slip through `max`.
+                let rel_err = if rel_err.is_nan() {
+                    f64::INFINITY
+                } else {
+                    rel_err
+                };
+                report.max_rel_err = report.max_rel_err.max(rel_err);
+                report.checks.push(LayerCheck {
+                    seq_id,
+                    run,
+                    layer_id: layer.layer_id,
+                    tokens: tokens.len(),
+                    rel_err,
+                });
+            }
+            step.finish();
+            runtime.end_sequences(&[seq_id]);
         }
-        step.finish();
-        runtime.end_sequences(&[seq_id]);
     }
     Ok(report)
+}
+
+/// A sequence's records split where the host started it again at position 0 (an engine
+/// may recompute a sequence from scratch); `None` unless each part runs 0, 1, 2, ...
+fn runs(positions: &[u64]) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, &p) in positions.iter().enumerate() {
+        if p == 0 {
+            runs.push(i..i + 1);
+            continue;
+        }
+        let run = runs.last_mut()?;
+        if p as usize != i - run.start {
+            return None;
+        }
+        run.end = i + 1;
+    }
+    Some(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn a_sequence_started_again_at_zero_is_a_new_run() {
+        assert_eq!(runs(&[0, 1, 2]), Some(vec![0..3]));
+        assert_eq!(runs(&[0, 1, 2, 0, 1, 2, 3]), Some(vec![0..3, 3..7]));
+        assert_eq!(runs(&[0, 0]), Some(vec![0..1, 1..2]));
+        assert_eq!(runs(&[]), Some(vec![]));
+        assert_eq!(runs(&[1, 2]), None);
+        assert_eq!(runs(&[0, 1, 3]), None);
+        assert_eq!(runs(&[0, 1, 1]), None);
+    }
 }

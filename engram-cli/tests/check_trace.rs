@@ -126,16 +126,23 @@ fn a_trace_that_does_not_start_at_zero_is_a_problem_not_a_pass() {
     // A runtime refuses a paper-variant sequence that starts past 0, so drop the first
     // record of one by hand.
     drive(&ckpt, &trace);
-    let file = trace.join("seq1.layer1.bin");
-    let bytes = std::fs::read(&file).unwrap();
-    std::fs::write(&file, &bytes[12 + 8 * HIDDEN..]).unwrap();
+    for layer in [1, 3] {
+        let file = trace.join(format!("seq1.layer{layer}.bin"));
+        let bytes = std::fs::read(&file).unwrap();
+        std::fs::write(&file, &bytes[12 + 8 * HIDDEN..]).unwrap();
+    }
     let report = check_trace(&ckpt, &trace, 1e-5).unwrap();
     assert!(!report.passed());
     assert!(
-        report.problems.iter().any(|p| p.contains("sequence 1")),
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains("sequence 1: positions [1, 2, 3")),
         "{}",
         report.to_text()
     );
+    // The other sequences are still checked.
+    assert_eq!(report.checks.len(), 2 * 2, "{}", report.to_text());
 
     // A trace of another model is refused.
     let other = tmp.path().join("other");

@@ -1,9 +1,10 @@
 //! `engram inspect`: the golden checkpoints are consistent; broken copies are reported
 //! with the tensor at fault and exit code 1.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -19,16 +20,9 @@ const V41: &str = concat!(
 
 /// Runs `engram inspect ARGS`: (exit code, stdout, stderr).
 fn inspect(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .arg("inspect")
-        .args(args)
-        .output()
-        .expect("engram runs");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    let mut all = vec!["inspect"];
+    all.extend_from_slice(args);
+    common::engram(&all)
 }
 
 type Tensor = (String, Dtype, Vec<usize>, Vec<u8>);

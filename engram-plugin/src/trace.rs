@@ -237,7 +237,7 @@ mod tests {
             tokens: vec![13],
             ..a
         };
-        w.record(3, &[a2.clone()], &[7.0, 8.0], &[-7.0, -8.0])
+        w.record(3, std::slice::from_ref(&a2), &[7.0, 8.0], &[-7.0, -8.0])
             .unwrap();
         w.record(1, &[a2], &[0.5, 0.25], &[0.0, 1.0]).unwrap();
 

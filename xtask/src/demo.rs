@@ -32,7 +32,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
              they start"
         );
     }
-    let engram = e2e::ensure_cli()?;
+    let engram = e2e::ensure_cli(true)?;
     let model = e2e::ensure_model()?;
     let checkpoint = e2e::ensure_checkpoint(&engram, &model, e2e::DEMO.0, e2e::DEMO.1)?;
     let host = e2e::ensure_host(args.release)?;

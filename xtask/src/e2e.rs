@@ -14,6 +14,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use crate::mistralrs::MistralrsBuildArgs;
+use crate::tiny_models::{ensure_tiny_model, TinyArch};
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -23,20 +24,25 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Builds `engram` (engram-cli, release) and returns the binary.
-pub fn ensure_cli() -> Result<PathBuf> {
-    eprintln!("xtask: building the engram CLI (release)");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "engram-cli", "--bin", "engram"])
-        .current_dir(root())
-        .status()
-        .context("cannot run cargo")?;
+/// Builds `engram` (engram-cli) and returns the binary. The checks use the debug build,
+/// which `cargo test --workspace` has already built; the demo and benchmarks the release
+/// build (writing the demo's 2.6 GB of tables).
+pub fn ensure_cli(release: bool) -> Result<PathBuf> {
+    let profile = if release { "release" } else { "debug" };
+    eprintln!("xtask: building the engram CLI ({profile})");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "-p", "engram-cli", "--bin", "engram"])
+        .current_dir(root());
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("cannot run cargo")?;
     if !status.success() {
-        bail!("cargo build --release -p engram-cli failed ({status})");
+        bail!("cargo build -p engram-cli ({profile}) failed ({status})");
     }
     Ok(root()
         .join("target")
-        .join("release")
+        .join(profile)
         .join(format!("engram{}", std::env::consts::EXE_SUFFIX)))
 }
 
@@ -139,8 +145,6 @@ pub fn ensure_checkpoint(
 /// The demo checkpoint: layers 1 and 15, orders 2-3, 8 heads, 512 per order, vocab 646400
 /// (about 2.6 GB of bf16 tables), value scale 0.01.
 pub const DEMO: (&str, &[&str]) = ("engram-demo", &[]);
-/// The same tables with an exactly zero value projection: Engram adds exactly zero.
-pub const ZERO: (&str, &[&str]) = ("engram-demo-zero", &["--zero-value"]);
 /// Small tables, large Engram output: Engram visibly changes the text.
 pub const STRONG: (&str, &[&str]) = (
     "engram-strong",
@@ -195,66 +199,9 @@ fn host_args(model: &Path, prompts: &[&str], max_tokens: usize, extra: &[&str]) 
     v
 }
 
-/// Logits dumped by `--dump-logits`: per request, per step, `vocab` values.
-struct Logits {
-    vocab: usize,
-    /// Per request: per step, the logits; and the greedy ids.
-    requests: Vec<(Vec<Vec<f32>>, Vec<u64>)>,
-    raw: Vec<u8>,
-}
-
-fn read_logits(summary: &Value) -> Result<Logits> {
-    let l = &summary["logits"];
-    let file = l["file"]
-        .as_str()
-        .context("no logits in the host's output")?;
-    let raw = fs::read(file).with_context(|| format!("reading {file}"))?;
-    let vocab = l["vocab"].as_u64().unwrap_or(0) as usize;
-    let floats: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let mut at = 0;
-    let mut requests = Vec::new();
-    for r in l["requests"].as_array().into_iter().flatten() {
-        let steps = r["steps"].as_u64().unwrap_or(0) as usize;
-        let mut rows = Vec::new();
-        for _ in 0..steps {
-            rows.push(floats[at..at + vocab].to_vec());
-            at += vocab;
-        }
-        let ids = r["argmax_ids"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_u64)
-            .collect();
-        requests.push((rows, ids));
-    }
-    Ok(Logits {
-        vocab,
-        requests,
-        raw,
-    })
-}
-
-/// Largest `max|a - b| / max|b|` over the steps both have.
-fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    let mut worst = 0f64;
-    for (x, y) in a.iter().zip(b) {
-        let scale = y.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(1e-30);
-        let diff = x
-            .iter()
-            .zip(y)
-            .fold(0f64, |m, (p, q)| m.max((*p as f64 - *q as f64).abs()));
-        worst = worst.max(diff / scale);
-    }
-    worst
-}
-
-#[derive(clap::Args)]
+#[derive(clap::Parser)]
 pub struct TestArgs {
-    /// Write mistralrs-host/snapshots/greedy_ids.snap from this run instead of comparing.
+    /// Accept the greedy-id snapshot of this run (INSTA_UPDATE=always) instead of checking it.
     #[arg(long)]
     update_snapshot: bool,
     /// Identity reference: `pristine` builds a second host against the unmodified
@@ -265,221 +212,83 @@ pub struct TestArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 16)]
     max_tokens: usize,
+    /// Passed to the test binary (a test name filter, `--nocapture`, ...).
+    #[arg(last = true)]
+    test_args: Vec<String>,
 }
 
-const SNAPSHOT: &str = "mistralrs-host/snapshots/greedy_ids.snap";
-const SNAPSHOT_PROMPT: &str = "What is the capital of France?";
-const POEM_PROMPT: &str = "Write a short poem about the sea.";
+/// The checks' checkpoints: small tables (vocab 20000 per order), so they are quick to
+/// write; the seeds and everything else are `engram init-checkpoint`'s defaults.
+pub const ZERO: (&str, &[&str]) = ("engram-zero", &["--zero-value", "--vocab", "20000"]);
+pub const SEEDED: (&str, &[&str]) = ("engram-seeded", &["--vocab", "20000"]);
+/// The tiny models' checkpoints (`tiny-<arch>-engram-zero`, `tiny-<arch>-engram-strong`):
+/// Engram at layers 1 and 3 of 4.
+const TINY_ZERO: &[&str] = &["--layers", "1,3", "--vocab", "5000", "--zero-value"];
+const TINY_STRONG: &[&str] = &["--layers", "1,3", "--vocab", "5000", "--value-scale", "2.0"];
 
+/// Prepares everything `mistralrs-host/tests/engram_e2e.rs` needs and runs it with cargo
+/// in the host workspace: identity against the unmodified mistralrs-core, KV cache vs
+/// recompute, concurrent vs one at a time, the Engram layers inside the host against the
+/// reference (`engram check-trace`), and the greedy-id snapshot (insta).
 pub fn test(args: TestArgs) -> Result<()> {
-    let engram = ensure_cli()?;
+    let engram = ensure_cli(false)?;
     let model = ensure_model()?;
-    let host = ensure_host(false)?;
-    let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
+    ensure_host(false)?;
     let zero = ensure_checkpoint(&engram, &model, ZERO.0, ZERO.1)?;
+    let seeded = ensure_checkpoint(&engram, &model, SEEDED.0, SEEDED.1)?;
     let strong = ensure_checkpoint(&engram, &model, STRONG.0, STRONG.1)?;
-    let reference = match args.reference.as_str() {
+    for arch in TinyArch::ALL {
+        let tiny = ensure_tiny_model(&model, arch)?;
+        for (suffix, extra) in [("engram-zero", TINY_ZERO), ("engram-strong", TINY_STRONG)] {
+            let name = format!("tiny-{}-{suffix}", arch.name());
+            ensure_checkpoint(&engram, &tiny, &name, extra)?;
+        }
+    }
+    let pristine = match args.reference.as_str() {
         "pristine" => Some(ensure_pristine_host()?),
         "no-engram" => None,
         other => bail!("--reference {other:?}: pristine or no-engram"),
     };
-    let dump = std::env::temp_dir().join(format!("engram-e2e-{}", std::process::id()));
-    fs::create_dir_all(&dump)?;
-    let n = args.max_tokens;
-    let mut results: Vec<(String, bool, String)> = Vec::new();
-    let mut record = |name: &str, pass: bool, detail: String| {
-        println!("{} {name}: {detail}", if pass { "PASS" } else { "FAIL" });
-        results.push((name.to_string(), pass, detail));
-    };
-    let dump_arg = |f: &str| vec!["--dump-logits".to_string(), s(dump.join(f))];
-
-    // a. Identity.
-    {
-        let prompt = POEM_PROMPT;
-        let mut a = host_args(&zero, &[prompt], n, &[]);
-        a.extend(dump_arg("zero.f32"));
-        let with = run_host(&host, &a)?;
-        let (ref_host, ref_model, ref_extra, ref_name) = match &reference {
-            Some(p) => (
-                p.clone(),
-                model.clone(),
-                vec!["--no-prefix-cache"],
-                "unpatched mistralrs-core 0.8.1, prefix cache off as with Engram",
-            ),
-            None => (
-                host.clone(),
-                zero.clone(),
-                vec!["--no-engram", "--no-prefix-cache"],
-                "patched host, --no-engram, prefix cache off as with Engram",
-            ),
-        };
-        let mut b = host_args(&ref_model, &[prompt], n, &ref_extra);
-        b.extend(dump_arg("ref.f32"));
-        let without = run_host(&ref_host, &b)?;
-        let (x, y) = (read_logits(&with)?, read_logits(&without)?);
-        let rows = with["lookup_stats"][0]["stats"]["rows_fetched"]
-            .as_u64()
-            .unwrap_or(0);
-        let same = !x.raw.is_empty() && x.raw == y.raw;
-        let steps = x.requests.first().map_or(0, |r| r.0.len());
-        record(
-            "a identity (zero-value checkpoint vs reference)",
-            same && rows > 0,
-            format!(
-                "reference: {ref_name}; {steps} steps x {} logits, bit-identical: {same}, \
-                 max rel diff {:.3e}; Engram rows fetched {rows}",
-                x.vocab,
-                max_rel_diff(
-                    &x.requests.first().map(|r| r.0.clone()).unwrap_or_default(),
-                    &y.requests.first().map(|r| r.0.clone()).unwrap_or_default()
-                )
-            ),
-        );
+    let root = root();
+    let build = root.join("target").join("mistralrs-build");
+    let scratch = build.join("e2e-scratch");
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch)?;
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.arg("test")
+        .arg("--manifest-path")
+        .arg(build.join("host").join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(build.join("target"))
+        .args(["--test", "engram_e2e", "--"])
+        .args(&args.test_args)
+        .env("ENGRAM_E2E_ENGRAM", &engram)
+        .env("ENGRAM_E2E_MODEL", &model)
+        .env("ENGRAM_E2E_ZERO", &zero)
+        .env("ENGRAM_E2E_SEEDED", &seeded)
+        .env("ENGRAM_E2E_STRONG", &strong)
+        .env(
+            "ENGRAM_E2E_TINY_ROOT",
+            model.parent().context("model directory without a parent")?,
+        )
+        .env("ENGRAM_E2E_MAX_TOKENS", args.max_tokens.to_string())
+        .env("ENGRAM_E2E_SCRATCH", &scratch)
+        .env(
+            "ENGRAM_E2E_SNAPSHOTS",
+            root.join("mistralrs-host").join("tests").join("snapshots"),
+        )
+        .env("INSTA_WORKSPACE_ROOT", &root);
+    if let Some(p) = &pristine {
+        cmd.env("ENGRAM_E2E_PRISTINE_HOST", p);
     }
-
-    // b. KV cache vs recompute, Engram strong.
-    {
-        let prompt = POEM_PROMPT;
-        let mut a = host_args(&strong, &[prompt], n, &[]);
-        a.extend(dump_arg("kv.f32"));
-        let kv_run = run_host(&host, &a)?;
-        let kv = read_logits(&kv_run)?;
-        let mut b = host_args(&strong, &[prompt], n, &["--no-kv-cache"]);
-        b.extend(dump_arg("nokv.f32"));
-        let nokv = read_logits(&run_host(&host, &b)?)?;
-        // Engram changes the text: compare with the same prompt without Engram.
-        let plain = run_host(&host, &host_args(&strong, &[prompt], n, &["--no-engram"]))?;
-        let (k, r) = (&kv.requests[0], &nokv.requests[0]);
-        let rel = max_rel_diff(&k.0, &r.0);
-        let same_len = k.0.len() == r.0.len();
-        let plain_text = plain["outputs"][0]["text"].as_str().unwrap_or_default();
-        let engram_text = kv_run["outputs"][0]["text"].as_str().unwrap_or_default();
-        record(
-            "b kv-cache vs --no-kv-cache (strong Engram)",
-            same_len && k.1 == r.1 && rel <= 1e-4,
-            format!(
-                "{} vs {} steps, same greedy ids: {}, max rel diff {rel:.3e} (limit 1e-4); \
-                 Engram changes the text: {} ({engram_text:?} vs without Engram {plain_text:?})",
-                k.0.len(),
-                r.0.len(),
-                k.1 == r.1,
-                engram_text != plain_text
-            ),
-        );
+    if args.update_snapshot {
+        cmd.env("INSTA_UPDATE", "always");
     }
-
-    // c. Concurrent requests of different lengths vs one at a time.
-    {
-        let prompts = [
-            "Hi.",
-            "What is the capital of France?",
-            "Write a short poem about the sea, with rhymes, in four lines.",
-        ];
-        let mut a = host_args(&strong, &prompts, n, &[]);
-        a.extend(dump_arg("batch.f32"));
-        let batch_run = run_host(&host, &a)?;
-        let batch = read_logits(&batch_run)?;
-        let mut ok = batch.requests.len() == prompts.len();
-        let mut worst = 0f64;
-        let mut details = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let mut b = host_args(&strong, &[p], n, &[]);
-            b.extend(dump_arg(&format!("single{i}.f32")));
-            let single = read_logits(&run_host(&host, &b)?)?;
-            let (x, y) = (&batch.requests[i], &single.requests[0]);
-            let rel = max_rel_diff(&x.0, &y.0);
-            worst = worst.max(rel);
-            let same = x.1 == y.1;
-            ok &= same && rel <= 1e-4;
-            details.push(format!(
-                "[{i}] {} ids same: {same} rel {rel:.1e}",
-                y.1.len()
-            ));
-        }
-        record(
-            "c concurrent vs one at a time (strong Engram, 3 prompt lengths)",
-            ok,
-            format!("{}; max rel diff {worst:.3e}", details.join(", ")),
-        );
-    }
-
-    // d. Snapshot of the greedy ids with the seeded demo checkpoint.
-    {
-        // The demo checkpoint (value scale 0.01: the text of the plain model) and the strong
-        // one (Engram decides the text), so the snapshot also pins Engram's own numbers.
-        let mut snap = format!(
-            "---\nsource: cargo xtask mistralrs-test\nexpression: greedy token ids (argmax of \
-             the dumped logits at each step)\nmodel: SmolLM2-135M-Instruct (cargo xtask \
-             fetch-model), f32, CPU\nmax_tokens: {n}\n---\n"
-        );
-        let mut texts = Vec::new();
-        for (dir, (name, init), prompt) in [
-            (&demo, DEMO, SNAPSHOT_PROMPT),
-            (&strong, STRONG, POEM_PROMPT),
-        ] {
-            let mut a = host_args(dir, &[prompt], n, &[]);
-            a.extend(dump_arg("snap.f32"));
-            let run = run_host(&host, &a)?;
-            let ids = read_logits(&run)?.requests[0].1.clone();
-            texts.push(format!(
-                "{:?}",
-                run["outputs"][0]["text"].as_str().unwrap_or_default()
-            ));
-            snap.push_str(&format!(
-                "# {name} (engram init-checkpoint {}; defaults otherwise: layers 1,15; \
-                 orders 2-3; 8 heads; 512 per order; vocab 646400; seed 0; value scale \
-                 0.01), prompt {prompt:?}\n{}\n",
-                init.join(" "),
-                serde_json::to_string(&ids)?
-            ));
-        }
-        let ids = snap.lines().filter(|l| l.starts_with('[')).count();
-        let text = texts.join(", ");
-        let path = root().join(SNAPSHOT);
-        if args.update_snapshot {
-            fs::create_dir_all(path.parent().unwrap())?;
-            fs::write(&path, &snap)?;
-            record(
-                "d greedy-id snapshot",
-                true,
-                format!("written {} ({ids} runs): {text}", path.display()),
-            );
-        } else {
-            match fs::read_to_string(&path) {
-                Ok(old) => {
-                    let same = old == snap;
-                    record(
-                        "d greedy-id snapshot",
-                        same,
-                        if same {
-                            format!("{ids} runs match {SNAPSHOT}: {text}")
-                        } else {
-                            format!("differs from {SNAPSHOT}; now:\n{snap}")
-                        },
-                    );
-                }
-                Err(_) => record(
-                    "d greedy-id snapshot",
-                    false,
-                    format!("no {SNAPSHOT}: run with --update-snapshot first"),
-                ),
-            }
-        }
-    }
-
-    let _ = fs::remove_dir_all(&dump);
-    let failed: Vec<&str> = results
-        .iter()
-        .filter(|r| !r.1)
-        .map(|r| r.0.as_str())
-        .collect();
-    println!(
-        "{} of {} checks passed",
-        results.len() - failed.len(),
-        results.len()
-    );
-    if !failed.is_empty() {
-        bail!("failed: {}", failed.join("; "));
+    eprintln!("xtask: running mistralrs-host/tests/engram_e2e.rs");
+    let status = cmd.status().context("cannot run cargo test")?;
+    let _ = fs::remove_dir_all(&scratch);
+    if !status.success() {
+        bail!("the mistral.rs end-to-end checks failed ({status})");
     }
     Ok(())
 }
@@ -580,7 +389,7 @@ pub struct BenchArgs {
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
-    let engram = ensure_cli()?;
+    let engram = ensure_cli(true)?;
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
     let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;

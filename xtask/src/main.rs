@@ -6,6 +6,7 @@ mod e2e;
 mod mistralrs;
 mod model;
 mod test_gpu;
+mod tiny_models;
 
 use std::process::{Command, ExitCode};
 
@@ -29,7 +30,17 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// Everything CI runs: fmt check, clippy, the workspace tests.
+    /// The tests, as README.md gives them and CI runs them: the workspace's tests, then
+    /// the mistral.rs end-to-end checks (`mistralrs-test`: builds the patched host, fetches
+    /// the model and writes small checkpoints on first use).
+    Test {
+        /// Only the workspace's tests (`cargo test --workspace`).
+        #[arg(long)]
+        workspace_only: bool,
+        #[command(flatten)]
+        e2e: e2e::TestArgs,
+    },
+    /// Lint and test: fmt check, clippy, then `test`.
     Ci,
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
@@ -64,6 +75,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.task {
         Task::FetchModel { force } => model::fetch_model(force).map(|_| ()),
+        Task::Test {
+            workspace_only,
+            e2e,
+        } => {
+            cargo(&["test", "--workspace"])?;
+            if workspace_only {
+                return Ok(());
+            }
+            e2e::test(e2e)
+        }
         Task::Ci => {
             cargo(&["fmt", "--all", "--", "--check"])?;
             cargo(&[
@@ -74,7 +95,8 @@ fn run(cli: Cli) -> Result<()> {
                 "-D",
                 "warnings",
             ])?;
-            cargo(&["test", "--workspace"])
+            cargo(&["test", "--workspace"])?;
+            e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
         Task::Bench => bench::run(),
         Task::TestGpu(args) => test_gpu::run(args),

@@ -238,6 +238,10 @@ fn host_workspace(root: &Path, build: &Path, patched: &Path) -> Result<PathBuf> 
     let mut out = manifest.clone();
     for (from, to) in [
         ("path = \"src/main.rs\"", src.join("src").join("main.rs")),
+        (
+            "path = \"tests/engram_e2e.rs\"",
+            src.join("tests").join("engram_e2e.rs"),
+        ),
         ("path = \"../engram-plugin\"", root.join("engram-plugin")),
     ] {
         if !manifest.contains(from) {
@@ -341,6 +345,7 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let manifest = fs::read_to_string(root.join("mistralrs-host/Cargo.toml")).unwrap();
         assert!(manifest.contains("path = \"src/main.rs\""));
+        assert!(manifest.contains("path = \"tests/engram_e2e.rs\""));
         assert!(manifest.contains("path = \"../engram-plugin\""));
         assert!(manifest.contains("features = [\"engram\"]"));
     }
