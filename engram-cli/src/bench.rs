@@ -30,19 +30,26 @@ pub struct BenchReport {
     /// The same, decode-shaped: 64 sequences advancing one token per step, each step
     /// hashing through the per-sequence history (`hash_step`).
     pub hash_decode_tokens_per_s: f64,
-    /// Gather throughput in GB/s (bytes of rows copied per second) of random rows of a
-    /// A table of 4x the largest CPU cache (at least 256 MiB, at most 2 GiB),
-    /// memory-mapped and warmed, rows stored as f32, random rows, 2x the largest cache
-    /// (64 MiB to 1 GiB) of rows per pass, all threads, best of 5 passes; keyed by row
-    /// bytes (128, 256, 512, 1024).
+    /// Gather throughput in GB/s (bytes of rows copied per second): random rows, stored
+    /// as f32, of a table of 4x the largest CPU cache (at least 256 MiB, at most 2 GiB)
+    /// read into RAM (`TableMode::Ram`: huge pages where the kernel offers them), 2x the
+    /// largest cache (64 MiB to 1 GiB) of rows per pass, all threads, best of 5 passes;
+    /// keyed by row bytes (128, 256, 512, 1024).
     pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
     pub gather_gb_per_s: f64,
-    /// One sequential `copy_from_slice` of the same bytes per pass out of the same table,
+    /// The same gathers from the same file memory-mapped (`TableMode::Mmap`, page cache
+    /// warmed, 4 KiB pages): what a table served from disk costs once its rows are cached.
+    pub gather_mmap_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
+    /// `gather_mmap_gb_per_s_by_row_bytes` at 128-byte rows.
+    pub gather_mmap_gb_per_s: f64,
+    /// One sequential `copy_from_slice` of the same bytes per pass out of the RAM table,
     /// one thread, best of 5: the memory bandwidth baseline for the gather.
     pub memcpy_gb_per_s: f64,
-    /// gather / memcpy at 128-byte rows.
+    /// gather / memcpy at 128-byte rows (RAM table).
     pub gather_vs_memcpy: f64,
+    /// gather from the memory-mapped table / memcpy at 128-byte rows.
+    pub gather_mmap_vs_memcpy: f64,
     /// Paper-variant layer (hidden 1024, hc_mult 1, orders 2-3 x 8 heads x 64 columns =
     /// 1024 embedding columns, kernel 4) over a batch of 512 tokens, embeddings given:
     /// tokens per second of `CpuLayer::forward`.
@@ -94,15 +101,19 @@ fn v41_hash_config() -> HashConfig {
 /// Runs every benchmark; `scratch` is a directory for the table files.
 pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
     let (hash_tokens_per_s, hash_decode_tokens_per_s) = bench_hash()?;
-    let (gather_by_row, memcpy_gb_per_s) = bench_gather(scratch)?;
-    let gather_gb_per_s = gather_by_row[0].1;
+    let gather = bench_gather(scratch)?;
+    let (gather_gb_per_s, gather_mmap_gb_per_s) = (gather.ram[0].1, gather.mmap[0].1);
+    let memcpy_gb_per_s = gather.memcpy_gb_per_s;
     Ok(BenchReport {
         hash_tokens_per_s,
         hash_decode_tokens_per_s,
         gather_gb_per_s,
         memcpy_gb_per_s,
         gather_vs_memcpy: gather_gb_per_s / memcpy_gb_per_s,
-        gather_gb_per_s_by_row_bytes: gather_by_row,
+        gather_mmap_gb_per_s,
+        gather_mmap_vs_memcpy: gather_mmap_gb_per_s / memcpy_gb_per_s,
+        gather_gb_per_s_by_row_bytes: gather.ram,
+        gather_mmap_gb_per_s_by_row_bytes: gather.mmap,
         layer_tokens_per_s: bench_layer()?,
         prefetch: bench_prefetch(scratch)?,
         threads: rayon::current_num_threads(),
@@ -186,15 +197,7 @@ fn mapped_table(
     let view = safetensors::tensor::TensorView::new(st_dtype, vec![rows, width], &data)?;
     safetensors::serialize_to_file([("table", view)], None, &path)?;
     drop(data);
-    let spec = TableSpec {
-        layer_id: 0,
-        tensor: "table".into(),
-        scale_tensor: None,
-        dtype,
-        rows: rows as u64,
-        width,
-    };
-    let table = CpuTable::open_mmap(&path, &spec)
+    let table = CpuTable::open_mmap(&path, &bench_table_spec(rows, width, dtype))
         .with_context(|| format!("bench table {}", path.display()))?;
     // Fault every page in once so the benchmark measures memory, not the page cache's first touch.
     black_box(
@@ -230,46 +233,67 @@ fn largest_cache_bytes() -> usize {
         .unwrap_or(64 << 20)
 }
 
-fn bench_gather(dir: &std::path::Path) -> Result<(Vec<(usize, f64)>, f64)> {
+struct GatherBench {
+    ram: Vec<(usize, f64)>,
+    mmap: Vec<(usize, f64)>,
+    memcpy_gb_per_s: f64,
+}
+
+fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
     // Both sides must come from memory, not cache: the table is 4x the largest cache and
     // each pass (the gather's output, the copy's source) 2x, so no pass can stay cached
     // for the next (a 300 MiB L3 is seen on cloud VMs).
     let cache = largest_cache_bytes();
     let table_bytes = (4 * cache).clamp(256 << 20, 2 << 30);
     let pass_bytes = (2 * cache).clamp(64 << 20, 1 << 30);
-    let mut by_row = Vec::new();
-    let mut memcpy_gb_per_s = 0.0;
+    let gb_per_s = |took: Duration| pass_bytes as f64 / took.as_secs_f64() / 1e9;
+    let mut result = GatherBench {
+        ram: Vec::new(),
+        mmap: Vec::new(),
+        memcpy_gb_per_s: 0.0,
+    };
     for (i, row_bytes) in [128usize, 256, 512, 1024].into_iter().enumerate() {
         let width = row_bytes / 4;
         let rows = table_bytes / row_bytes;
-        let table = mapped_table(
-            dir,
-            &format!("gather{row_bytes}"),
-            rows,
-            width,
-            RowDtype::F32,
-            i as u64,
-        )?;
+        let name = format!("gather{row_bytes}");
+        let mapped = mapped_table(dir, &name, rows, width, RowDtype::F32, i as u64)?;
         let mut rng = TestRng::new(7 + i as u64);
         let ids: Vec<u64> = (0..pass_bytes / row_bytes)
             .map(|_| rng.below(rows as u64))
             .collect();
         let mut out = vec![0f32; ids.len() * width];
-        let took = best_of(5, || table.gather_f32(&ids, &mut out).unwrap());
-        by_row.push((row_bytes, pass_bytes as f64 / took.as_secs_f64() / 1e9));
+        let took = best_of(5, || mapped.gather_f32(&ids, &mut out).unwrap());
+        result.mmap.push((row_bytes, gb_per_s(took)));
+        drop(mapped);
+
+        let path = dir.join(format!("{name}.safetensors"));
+        let in_ram = CpuTable::load(&path, &bench_table_spec(rows, width, RowDtype::F32))?;
+        let took = best_of(5, || in_ram.gather_f32(&ids, &mut out).unwrap());
+        result.ram.push((row_bytes, gb_per_s(took)));
         drop(out);
         if i == 0 {
-            let src = &table.values_bytes()[..pass_bytes];
+            let src = &in_ram.values_bytes()[..pass_bytes];
             let mut dst = vec![0u8; pass_bytes];
             let took = best_of(5, || {
                 dst.copy_from_slice(src);
                 black_box(&dst);
             });
-            memcpy_gb_per_s = pass_bytes as f64 / took.as_secs_f64() / 1e9;
+            result.memcpy_gb_per_s = gb_per_s(took);
         }
-        std::fs::remove_file(dir.join(format!("gather{row_bytes}.safetensors"))).ok();
+        std::fs::remove_file(&path).ok();
     }
-    Ok((by_row, memcpy_gb_per_s))
+    Ok(result)
+}
+
+fn bench_table_spec(rows: usize, width: usize, dtype: RowDtype) -> TableSpec {
+    TableSpec {
+        layer_id: 0,
+        tensor: "table".into(),
+        scale_tensor: None,
+        dtype,
+        rows: rows as u64,
+        width,
+    }
 }
 
 fn paper_1024() -> EngramConfig {

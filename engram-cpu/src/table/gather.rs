@@ -146,8 +146,10 @@ impl Rows<'_> {
     }
 }
 
-/// Rows requested ahead of the one being copied (enough to cover DRAM latency).
-const PREFETCH_DISTANCE: usize = 16;
+/// Rows requested ahead of the one being copied (enough to cover DRAM latency). Into L2
+/// (T1), which has room for more misses in flight than L1's fill buffers: measured here
+/// (random 128-byte rows, table 4x the L3) about 0.75x memcpy against 0.65x with T0 at 16.
+const PREFETCH_DISTANCE: usize = 32;
 
 /// Prefetch hints for every cache line of `bytes` (no-op off x86-64).
 #[inline(always)]
@@ -156,7 +158,7 @@ fn prefetch_lines(bytes: &[u8]) {
     for line in bytes.chunks(64) {
         // SAFETY: a prefetch hint on an address inside a live slice; it never faults.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
                 line.as_ptr().cast(),
             )
         };

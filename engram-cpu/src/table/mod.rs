@@ -110,7 +110,7 @@ impl CpuTable {
             .chain(scales)
             .map(|r| r.start as usize..r.end as usize)
             .collect();
-        let (buf, placed) = copy_ranges(bytes, &ranges);
+        let (buf, placed) = copy_ranges(path, bytes, &ranges)?;
         Ok(Self::from_placed(path, spec, buf, placed))
     }
 

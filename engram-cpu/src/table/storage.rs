@@ -8,33 +8,30 @@ use std::path::Path;
 use engram_core::error::{EngramError, Result};
 use memmap2::Mmap;
 
-/// One cache line; the owned buffer is a `Vec` of these, so it is 64-byte aligned.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([u8; 64]);
-
-/// Bytes in RAM, 64-byte aligned.
+/// Bytes in RAM: an anonymous mapping (page-aligned, so 64-byte aligned too), backed by
+/// transparent huge pages where the kernel offers them: gathers touch rows at random, and
+/// with 4 KiB pages nearly every row of a large table is a TLB miss.
 pub(crate) struct AlignedBytes {
-    lines: Vec<Line>,
+    map: memmap2::MmapMut,
     len: usize,
 }
 
 impl AlignedBytes {
-    pub fn zeroed(len: usize) -> Self {
-        Self {
-            lines: vec![Line([0; 64]); len.div_ceil(64)],
-            len,
-        }
+    pub fn zeroed(len: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
+        // Before the first touch, so the faults allocate huge pages. Best effort: a kernel
+        // without THP keeps 4 KiB pages.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        Ok(Self { map, len })
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: `lines` holds at least `len` initialized bytes (Line is plain bytes).
-        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<u8>(), self.len) }
+        &self.map[..self.len]
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<u8>(), self.len) }
+        &mut self.map[..self.len]
     }
 }
 
@@ -104,7 +101,8 @@ pub(crate) fn read_ranges(
         .map(|r| to_usize(path, r.end - r.start))
         .collect::<Result<Vec<_>>>()?;
     let (placed, total) = place(lens.into_iter());
-    let mut buf = AlignedBytes::zeroed(total);
+    let mut buf = AlignedBytes::zeroed(total)
+        .map_err(|e| EngramError::file(path, format!("cannot allocate {total} bytes: {e}")))?;
     let mut file = File::open(path).map_err(|e| EngramError::file(path, e))?;
     for (r, dst) in ranges.iter().zip(&placed) {
         file.seek(SeekFrom::Start(r.start))
@@ -116,15 +114,17 @@ pub(crate) fn read_ranges(
 
 /// Copies the byte `ranges` of `bytes` into one aligned buffer, placed as [`read_ranges`].
 pub(crate) fn copy_ranges(
+    path: &Path,
     bytes: &[u8],
     ranges: &[Range<usize>],
-) -> (AlignedBytes, Vec<Range<usize>>) {
+) -> Result<(AlignedBytes, Vec<Range<usize>>)> {
     let (placed, total) = place(ranges.iter().map(|r| r.len()));
-    let mut buf = AlignedBytes::zeroed(total);
+    let mut buf = AlignedBytes::zeroed(total)
+        .map_err(|e| EngramError::file(path, format!("cannot allocate {total} bytes: {e}")))?;
     for (r, dst) in ranges.iter().zip(&placed) {
         buf.as_mut_slice()[dst.clone()].copy_from_slice(&bytes[r.clone()]);
     }
-    (buf, placed)
+    Ok((buf, placed))
 }
 
 pub(crate) fn to_usize(path: &Path, n: u64) -> Result<usize> {
