@@ -19,6 +19,7 @@ use engram_cpu::layer::CpuLayer;
 use engram_cpu::CpuTable;
 use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
 use serde::Serialize;
+use std::io::Write;
 
 /// Everything `engram bench --json` prints.
 #[derive(Debug, Serialize)]
@@ -189,13 +190,25 @@ fn mapped_table(
         .take(rows * width * elem)
         .collect();
     let path = dir.join(format!("{name}.safetensors"));
-    let st_dtype = if elem == 4 {
-        safetensors::Dtype::F32
-    } else {
-        safetensors::Dtype::BF16
-    };
-    let view = safetensors::tensor::TensorView::new(st_dtype, vec![rows, width], &data)?;
-    safetensors::serialize_to_file([("table", view)], None, &path)?;
+    // The header is padded so the rows start on a 64-byte boundary, as `engram
+    // init-checkpoint` writes them (the safetensors crate aligns to 8 only, and a 128-byte
+    // row at an 8-byte offset spans three cache lines instead of two).
+    let mut header = serde_json::json!({
+        "table": {
+            "dtype": if elem == 4 { "F32" } else { "BF16" },
+            "shape": [rows, width],
+            "data_offsets": [0, data.len()],
+        }
+    })
+    .to_string();
+    while !(8 + header.len()).is_multiple_of(64) {
+        header.push(' ');
+    }
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())?;
+    file.write_all(header.as_bytes())?;
+    file.write_all(&data)?;
+    file.flush()?;
     drop(data);
     let table = CpuTable::open_mmap(&path, &bench_table_spec(rows, width, dtype))
         .with_context(|| format!("bench table {}", path.display()))?;
