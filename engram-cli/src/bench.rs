@@ -2,6 +2,7 @@
 //! the same run (ratios, not absolute claims). Runs in well under a minute on 2 cores.
 
 use std::hint::black_box;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,7 +20,6 @@ use engram_cpu::layer::CpuLayer;
 use engram_cpu::CpuTable;
 use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
 use serde::Serialize;
-use std::io::Write;
 
 /// Everything `engram bench --json` prints.
 #[derive(Debug, Serialize)]
@@ -40,7 +40,8 @@ pub struct BenchReport {
     /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
     pub gather_gb_per_s: f64,
     /// The same gathers from the same file memory-mapped (`TableMode::Mmap`, page cache
-    /// warmed, 4 KiB pages): what a table served from disk costs once its rows are cached.
+    /// warmed; rows 64-byte aligned in the file, as `engram init-checkpoint` writes them):
+    /// what a table served from disk costs once its rows are cached.
     pub gather_mmap_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// `gather_mmap_gb_per_s_by_row_bytes` at 128-byte rows.
     pub gather_mmap_gb_per_s: f64,
@@ -193,17 +194,13 @@ fn mapped_table(
     // The header is padded so the rows start on a 64-byte boundary, as `engram
     // init-checkpoint` writes them (the safetensors crate aligns to 8 only, and a 128-byte
     // row at an 8-byte offset spans three cache lines instead of two).
-    let mut header = serde_json::json!({
+    let header = crate::init_checkpoint::aligned_header(&serde_json::json!({
         "table": {
             "dtype": if elem == 4 { "F32" } else { "BF16" },
             "shape": [rows, width],
             "data_offsets": [0, data.len()],
         }
-    })
-    .to_string();
-    while !(8 + header.len()).is_multiple_of(64) {
-        header.push(' ');
-    }
+    }));
     let mut file = std::io::BufWriter::new(std::fs::File::create(&path)?);
     file.write_all(&(header.len() as u64).to_le_bytes())?;
     file.write_all(header.as_bytes())?;

@@ -6,6 +6,8 @@
 //! handed its Engram layers; the host's outputs must match. The host may have fed the
 //! sequence in any chunks (prefill, decode, batched with others): the replay does not.
 //! A sequence the host started again at position 0 is replayed once per start.
+//! V4.1 dead-token masks are not in the trace: the replay assumes none (mistral.rs passes
+//! none), so a host that passes them cannot be checked this way yet.
 
 use std::path::Path;
 

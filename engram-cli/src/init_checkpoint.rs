@@ -423,6 +423,16 @@ struct Planned {
     bytes: u64,
 }
 
+/// A safetensors header (the JSON, without its 8-byte length) padded with spaces so the
+/// tensor data after it starts at a multiple of [`DATA_ALIGN`] bytes.
+pub fn aligned_header(header: &Value) -> String {
+    let mut text = header.to_string();
+    while !(8 + text.len()).is_multiple_of(DATA_ALIGN) {
+        text.push(' ');
+    }
+    text
+}
+
 fn write_engram_file(
     path: &Path,
     cfg: &EngramConfig,
@@ -473,10 +483,7 @@ fn write_engram_file(
         );
         offset += p.bytes;
     }
-    let mut header = serde_json::to_string(&Value::Object(header))?;
-    while (8 + header.len()) % DATA_ALIGN != 0 {
-        header.push(' ');
-    }
+    let header = aligned_header(&Value::Object(header));
     let total = 8 + header.len() as u64 + offset;
 
     let partial = path.with_extension("safetensors.partial");

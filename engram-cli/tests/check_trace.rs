@@ -58,6 +58,16 @@ fn drive(model: &Path, trace: &Path) {
     }
 }
 
+/// `engram check-trace --model MODEL TRACE`: (exit code, stdout, stderr).
+fn check_trace_command(model: &Path, trace: &Path) -> (i32, String, String) {
+    engram(&[
+        "check-trace",
+        "--model",
+        model.to_str().unwrap(),
+        trace.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_traced_host_matches_the_reference_and_changes_are_caught() {
     let tmp = tempfile::tempdir().unwrap();
@@ -74,12 +84,7 @@ fn a_traced_host_matches_the_reference_and_changes_are_caught() {
         report.checks.iter().map(|c| c.tokens).collect::<Vec<_>>(),
         [9, 9, 5, 5, 12, 12]
     );
-    let (code, stdout, stderr) = engram(&[
-        "check-trace",
-        "--model",
-        ckpt.to_str().unwrap(),
-        trace.to_str().unwrap(),
-    ]);
+    let (code, stdout, stderr) = check_trace_command(&ckpt, &trace);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("PASS"), "{stdout}");
 
@@ -100,12 +105,7 @@ fn a_traced_host_matches_the_reference_and_changes_are_caught() {
         .map(|c| (c.seq_id, c.layer_id))
         .collect();
     assert_eq!(bad, [(2, 3)], "{}", report.to_text());
-    let (code, stdout, _) = engram(&[
-        "check-trace",
-        "--model",
-        ckpt.to_str().unwrap(),
-        trace.to_str().unwrap(),
-    ]);
+    let (code, stdout, _) = check_trace_command(&ckpt, &trace);
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("FAIL"), "{stdout}");
 
