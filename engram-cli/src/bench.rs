@@ -17,7 +17,7 @@ use engram_core::primes::table_layouts;
 use engram_core::table::TableStore;
 use engram_core::testing::{random_hidden, random_weights, TestRng};
 use engram_cpu::layer::CpuLayer;
-use engram_cpu::CpuTable;
+use engram_cpu::{largest_cache_bytes, CpuTable};
 use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
 use serde::Serialize;
 
@@ -34,8 +34,9 @@ pub struct BenchReport {
     /// Gather throughput in GB/s (bytes of rows copied per second): random rows, stored
     /// as f32, of a table of 4x the largest CPU cache (at least 256 MiB, at most 2 GiB)
     /// read into RAM (`TableMode::Ram`: huge pages where the kernel offers them), 2x the
-    /// largest cache (64 MiB to 1 GiB) of rows per pass, all threads, best of 5 passes;
-    /// keyed by row bytes (128, 256, 512, 1024).
+    /// largest cache (64 MiB to 1 GiB) of rows per pass into one page-aligned output (so
+    /// the gather streams it to memory, as memcpy does at that size), all threads, best
+    /// of 5 passes; keyed by row bytes (128, 256, 512, 1024).
     pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
     pub gather_gb_per_s: f64,
@@ -45,8 +46,9 @@ pub struct BenchReport {
     pub gather_mmap_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// `gather_mmap_gb_per_s_by_row_bytes` at 128-byte rows.
     pub gather_mmap_gb_per_s: f64,
-    /// One sequential `copy_from_slice` of the same bytes per pass out of the RAM table,
-    /// one thread, best of 5: the memory bandwidth baseline for the gather.
+    /// One sequential `copy_from_slice` of the same bytes per pass out of the RAM table
+    /// into the gathers' output, one thread, best of 5: the memory bandwidth baseline for
+    /// the gather.
     pub memcpy_gb_per_s: f64,
     /// gather / memcpy at 128-byte rows (RAM table).
     pub gather_vs_memcpy: f64,
@@ -186,10 +188,11 @@ fn mapped_table(
     };
     let mut rng = TestRng::new(seed);
     // Small finite values; eight bytes per draw keeps a table of gigabytes quick to write.
-    let data: Vec<u8> = (0..(rows * width * elem).div_ceil(8))
-        .flat_map(|_| (rng.next_u64() & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes())
-        .take(rows * width * elem)
-        .collect();
+    let mut data = vec![0u8; rows * width * elem];
+    for chunk in data.chunks_mut(8) {
+        let draw = (rng.next_u64() & 0x3f3f_3f3f_3f3f_3f3f).to_le_bytes();
+        chunk.copy_from_slice(&draw[..chunk.len()]);
+    }
     let path = dir.join(format!("{name}.safetensors"));
     // The header is padded so the rows start on a 64-byte boundary, as `engram
     // init-checkpoint` writes them (the safetensors crate aligns to 8 only, and a 128-byte
@@ -205,7 +208,8 @@ fn mapped_table(
     file.write_all(&(header.len() as u64).to_le_bytes())?;
     file.write_all(header.as_bytes())?;
     file.write_all(&data)?;
-    file.flush()?;
+    // On disk before the gathers start, so no writeback of it competes with them.
+    file.into_inner()?.sync_data()?;
     drop(data);
     let table = CpuTable::open_mmap(&path, &bench_table_spec(rows, width, dtype))
         .with_context(|| format!("bench table {}", path.display()))?;
@@ -219,28 +223,6 @@ fn mapped_table(
             .sum::<u64>(),
     );
     Ok(table)
-}
-
-/// The largest CPU cache (usually the shared L3) from Linux's sysfs; 64 MiB where unknown.
-fn largest_cache_bytes() -> usize {
-    let parse = |text: &str| -> Option<usize> {
-        let t = text.trim();
-        let (num, mult) = match t.chars().last()? {
-            'K' => (&t[..t.len() - 1], 1 << 10),
-            'M' => (&t[..t.len() - 1], 1 << 20),
-            'G' => (&t[..t.len() - 1], 1 << 30),
-            _ => (t, 1),
-        };
-        Some(num.parse::<usize>().ok()? * mult)
-    };
-    (0..8)
-        .filter_map(|i| {
-            std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size"))
-                .ok()
-        })
-        .filter_map(|t| parse(&t))
-        .max()
-        .unwrap_or(64 << 20)
 }
 
 struct GatherBench {
@@ -257,6 +239,9 @@ fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
     let table_bytes = (4 * cache).clamp(256 << 20, 2 << 30);
     let pass_bytes = (2 * cache).clamp(64 << 20, 1 << 30);
     let gb_per_s = |took: Duration| pass_bytes as f64 / took.as_secs_f64() / 1e9;
+    // One output for every pass, gathers and copy alike: page-aligned (so 64-byte
+    // aligned, as the runtime's buffers are), huge pages where offered, touched before.
+    let mut out = OutputBuffer::new(pass_bytes)?;
     let mut result = GatherBench {
         ram: Vec::new(),
         mmap: Vec::new(),
@@ -271,28 +256,53 @@ fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
         let ids: Vec<u64> = (0..pass_bytes / row_bytes)
             .map(|_| rng.below(rows as u64))
             .collect();
-        let mut out = vec![0f32; ids.len() * width];
-        let took = best_of(5, || mapped.gather_f32(&ids, &mut out).unwrap());
+        let took = best_of(5, || mapped.gather_f32(&ids, out.f32s()).unwrap());
         result.mmap.push((row_bytes, gb_per_s(took)));
         drop(mapped);
 
         let path = dir.join(format!("{name}.safetensors"));
         let in_ram = CpuTable::load(&path, &bench_table_spec(rows, width, RowDtype::F32))?;
-        let took = best_of(5, || in_ram.gather_f32(&ids, &mut out).unwrap());
+        let took = best_of(5, || in_ram.gather_f32(&ids, out.f32s()).unwrap());
         result.ram.push((row_bytes, gb_per_s(took)));
-        drop(out);
         if i == 0 {
+            // Into the same output buffer as the gathers.
             let src = &in_ram.values_bytes()[..pass_bytes];
-            let mut dst = vec![0u8; pass_bytes];
             let took = best_of(5, || {
-                dst.copy_from_slice(src);
-                black_box(&dst);
+                out.bytes().copy_from_slice(src);
+                black_box(out.bytes());
             });
             result.memcpy_gb_per_s = gb_per_s(took);
         }
         std::fs::remove_file(&path).ok();
     }
     Ok(result)
+}
+
+/// The gathers' (and the copy's) output.
+struct OutputBuffer(memmap2::MmapMut);
+
+impl OutputBuffer {
+    fn new(bytes: usize) -> Result<Self> {
+        let mut map = memmap2::MmapOptions::new()
+            .len(bytes)
+            .map_anon()
+            .context("bench output buffer")?;
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        map.iter_mut().step_by(4096).for_each(|b| *b = 0);
+        Ok(Self(map))
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
+    fn f32s(&mut self) -> &mut [f32] {
+        let len = self.0.len() / 4;
+        // SAFETY: the map is page-aligned, holds `4 * len` initialized bytes and any
+        // bytes are a valid f32; the view borrows `self` mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<f32>(), len) }
+    }
 }
 
 fn bench_table_spec(rows: usize, width: usize, dtype: RowDtype) -> TableSpec {

@@ -17,7 +17,8 @@ pub trait TableStore: Send + Sync {
     fn dtype(&self) -> RowDtype;
 
     /// Copies rows `row_ids` into `out` (`[row_ids.len(), width]`, row-major), converted
-    /// to f32 (V4.1 rows dequantized and rounded to bf16, as the model sees them).
+    /// to f32 (V4.1 rows dequantized and rounded to bf16, as the model sees them). An id
+    /// past the end of the table is an error; `out` may then be partly written.
     fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()>;
 
     /// Bytes one row occupies in the store.
@@ -27,26 +28,34 @@ pub trait TableStore: Send + Sync {
 
     /// Checks ids and output size before a gather.
     fn check_gather(&self, row_ids: &[u64], out_len: usize) -> Result<()> {
-        let expected = row_ids.len() * self.width();
+        self.check_gather_len(row_ids.len(), out_len)?;
+        match row_ids.iter().find(|&&r| r >= self.num_rows()) {
+            Some(&row) => Err(self.row_out_of_range(row)),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that a gather of `rows` rows fits an output of `out_len` elements; for
+    /// stores that check the ids themselves while they copy.
+    fn check_gather_len(&self, rows: usize, out_len: usize) -> Result<()> {
+        let expected = rows * self.width();
         if out_len != expected {
             return Err(EngramError::shape(
                 format!("gather output of `{}`", self.name()),
-                format!(
-                    "{} rows x {} columns = {expected}",
-                    row_ids.len(),
-                    self.width()
-                ),
+                format!("{rows} rows x {} columns = {expected}", self.width()),
                 out_len,
             ));
         }
-        if let Some(&row) = row_ids.iter().find(|&&r| r >= self.num_rows()) {
-            return Err(EngramError::RowOutOfRange {
-                row,
-                rows: self.num_rows(),
-                table: self.name().to_string(),
-            });
-        }
         Ok(())
+    }
+
+    /// The error for a gather of `row`, past the end of this table.
+    fn row_out_of_range(&self, row: u64) -> EngramError {
+        EngramError::RowOutOfRange {
+            row,
+            rows: self.num_rows(),
+            table: self.name().to_string(),
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! a real GEMM, and per-sequence decode state. It is also the oracle the CUDA backend is
 //! checked against.
 
+pub mod cache_size;
 pub mod layer;
 pub mod table;
 
+pub use cache_size::largest_cache_bytes;
 pub use table::CpuTable;

@@ -32,7 +32,7 @@ use engram_core::table::TableStore;
 use safetensors::Dtype;
 
 pub use gather::SCALE_BLOCK;
-use gather::{run_chunked, Rows};
+use gather::{run_chunked, OutputStores, Rows};
 use storage::{copy_ranges, map_file, read_ranges, to_usize, Storage};
 
 /// Gathers moving fewer bytes than this stay on the calling thread (see
@@ -196,13 +196,15 @@ impl CpuTable {
         Rows {
             dtype: self.spec.dtype,
             width: self.spec.width,
+            rows: self.spec.rows,
             values: self.values_bytes(),
             scales: self.scales_bytes(),
         }
     }
 
     /// Copies rows `row_ids` as stored into `out` (`[row_ids.len(), row_bytes()]`): each
-    /// row's values (little-endian), then, for F8 tables, its `ceil(width / 32)` scales.
+    /// row's values (little-endian), then, for F8 tables, its `ceil(width / 32)` scales. An
+    /// id past the end of the table is an error; `out` may then be partly written.
     pub fn gather_raw(&self, row_ids: &[u64], out: &mut [u8]) -> Result<()> {
         let row_bytes = self.row_bytes();
         if out.len() != row_ids.len() * row_bytes {
@@ -216,18 +218,22 @@ impl CpuTable {
                 out.len(),
             ));
         }
-        // The size is checked above; this checks the ids.
-        self.check_gather(row_ids, row_ids.len() * self.spec.width)?;
         let rows = self.rows();
+        // Streaming only where rows are values alone: an F8 row's scales would share its
+        // last output line.
+        let stores = match rows.scale_row_bytes() {
+            0 => OutputStores::for_output(out, row_bytes),
+            _ => OutputStores::Cached,
+        };
         run_chunked(
             row_ids,
             out,
             row_bytes,
             row_bytes,
             self.parallel_min_bytes,
-            |ids, out| rows.copy_raw(ids, out),
-        );
-        Ok(())
+            |ids, out| rows.copy_raw(ids, out, stores),
+        )
+        .map_err(|row| self.row_out_of_range(row))
     }
 }
 
@@ -246,18 +252,19 @@ impl TableStore for CpuTable {
     }
 
     fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()> {
-        self.check_gather(row_ids, out.len())?;
+        self.check_gather_len(row_ids.len(), out.len())?;
         let rows = self.rows();
         let w = self.spec.width;
+        let stores = OutputStores::for_output(out, 4 * w);
         run_chunked(
             row_ids,
             out,
             w,
             4 * w,
             self.parallel_min_bytes,
-            |ids, out| rows.decode(ids, out),
-        );
-        Ok(())
+            |ids, out| rows.decode(ids, out, stores),
+        )
+        .map_err(|row| self.row_out_of_range(row))
     }
 }
 
