@@ -17,6 +17,7 @@ use engram_core::primes::table_layouts;
 use engram_core::table::TableStore;
 use engram_core::testing::{random_hidden, random_weights, TestRng};
 use engram_cpu::layer::CpuLayer;
+use engram_cpu::table::AlignedBytes;
 use engram_cpu::{largest_cache_bytes, CpuTable};
 use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
 use serde::Serialize;
@@ -124,16 +125,15 @@ pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
     })
 }
 
-/// Best of `reps` timings of `f`.
-fn best_of(reps: usize, mut f: impl FnMut()) -> Duration {
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .unwrap_or_default()
+/// Best of `reps` timings of `f`; the first error stops it.
+fn best_of(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed());
+    }
+    Ok(best)
 }
 
 fn bench_hash() -> Result<(f64, f64)> {
@@ -147,25 +147,23 @@ fn bench_hash() -> Result<(f64, f64)> {
     let mut rows = vec![0u64; t * hasher.heads()];
     let prefill = best_of(3, || {
         for l in 0..hasher.layers().len() {
-            hasher
-                .hash_sequence(l, &ids, None, true, &mut rows)
-                .unwrap();
+            hasher.hash_sequence(l, &ids, None, true, &mut rows)?;
         }
         black_box(&rows);
-    });
+        Ok(())
+    })?;
     let (seqs, steps) = (64, 2048);
     let mut histories = vec![engram_core::hashing::NgramHistory::new(cfg.max_ngram_size); seqs];
     let mut out = vec![0u64; hasher.layers().len() * hasher.heads()];
     let decode = best_of(3, || {
         for s in 0..steps {
             for (b, h) in histories.iter_mut().enumerate() {
-                hasher
-                    .hash_step(h, ids[(s * seqs + b) % t], false, s, &mut out)
-                    .unwrap();
+                hasher.hash_step(h, ids[(s * seqs + b) % t], false, s, &mut out)?;
                 black_box(&out);
             }
         }
-    });
+        Ok(())
+    })?;
     Ok((
         t as f64 / prefill.as_secs_f64(),
         (seqs * steps) as f64 / decode.as_secs_f64(),
@@ -256,13 +254,13 @@ fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
         let ids: Vec<u64> = (0..pass_bytes / row_bytes)
             .map(|_| rng.below(rows as u64))
             .collect();
-        let took = best_of(5, || mapped.gather_f32(&ids, out.f32s()).unwrap());
+        let took = best_of(5, || Ok(mapped.gather_f32(&ids, out.f32s())?))?;
         result.mmap.push((row_bytes, gb_per_s(took)));
         drop(mapped);
 
         let path = dir.join(format!("{name}.safetensors"));
         let in_ram = CpuTable::load(&path, &bench_table_spec(rows, width, RowDtype::F32))?;
-        let took = best_of(5, || in_ram.gather_f32(&ids, out.f32s()).unwrap());
+        let took = best_of(5, || Ok(in_ram.gather_f32(&ids, out.f32s())?))?;
         result.ram.push((row_bytes, gb_per_s(took)));
         if i == 0 {
             // Into the same output buffer as the gathers.
@@ -270,7 +268,8 @@ fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
             let took = best_of(5, || {
                 out.bytes().copy_from_slice(src);
                 black_box(out.bytes());
-            });
+                Ok(())
+            })?;
             result.memcpy_gb_per_s = gb_per_s(took);
         }
         std::fs::remove_file(&path).ok();
@@ -278,30 +277,30 @@ fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
     Ok(result)
 }
 
-/// The gathers' (and the copy's) output.
-struct OutputBuffer(memmap2::MmapMut);
+/// The gathers' (and the copy's) output: the CPU backend's own RAM buffer (page-aligned,
+/// huge pages where offered), every page touched before the first pass.
+struct OutputBuffer(AlignedBytes);
 
 impl OutputBuffer {
     fn new(bytes: usize) -> Result<Self> {
-        let mut map = memmap2::MmapOptions::new()
-            .len(bytes)
-            .map_anon()
-            .context("bench output buffer")?;
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
-        map.iter_mut().step_by(4096).for_each(|b| *b = 0);
-        Ok(Self(map))
+        let mut buf = AlignedBytes::zeroed(bytes).context("bench output buffer")?;
+        buf.as_mut_slice()
+            .iter_mut()
+            .step_by(4096)
+            .for_each(|b| *b = 0);
+        Ok(Self(buf))
     }
 
     fn bytes(&mut self) -> &mut [u8] {
-        &mut self.0
+        self.0.as_mut_slice()
     }
 
     fn f32s(&mut self) -> &mut [f32] {
-        let len = self.0.len() / 4;
-        // SAFETY: the map is page-aligned, holds `4 * len` initialized bytes and any
-        // bytes are a valid f32; the view borrows `self` mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<f32>(), len) }
+        let bytes = self.0.as_mut_slice();
+        let len = bytes.len() / 4;
+        // SAFETY: the buffer is page-aligned, holds at least `4 * len` initialized bytes
+        // and any bytes are a valid f32; the view borrows `self` mutably.
+        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), len) }
     }
 }
 
@@ -345,10 +344,9 @@ fn bench_layer() -> Result<f64> {
     let emb = rng.vec(tokens * cfg.embed_dim(), 1.0);
     let mut out = vec![0f32; hidden.len()];
     let took = best_of(5, || {
-        layer
-            .forward(&hidden, &emb, None, &mut [Segment::fresh(tokens)], &mut out)
-            .unwrap();
-    });
+        layer.forward(&hidden, &emb, None, &mut [Segment::fresh(tokens)], &mut out)?;
+        Ok(())
+    })?;
     Ok(tokens as f64 / took.as_secs_f64())
 }
 

@@ -33,6 +33,7 @@ use safetensors::Dtype;
 
 pub use gather::SCALE_BLOCK;
 use gather::{run_chunked, OutputStores, Rows};
+pub use storage::AlignedBytes;
 use storage::{copy_ranges, map_file, read_ranges, to_usize, Storage};
 
 /// Gathers moving fewer bytes than this stay on the calling thread (see

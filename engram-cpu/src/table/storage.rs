@@ -11,12 +11,13 @@ use memmap2::Mmap;
 /// Bytes in RAM: an anonymous mapping (page-aligned, so 64-byte aligned too), backed by
 /// transparent huge pages where the kernel offers them: gathers touch rows at random, and
 /// with 4 KiB pages nearly every row of a large table is a TLB miss.
-pub(crate) struct AlignedBytes {
+pub struct AlignedBytes {
     map: memmap2::MmapMut,
     len: usize,
 }
 
 impl AlignedBytes {
+    /// `len` zero bytes; pages are allocated on first touch.
     pub fn zeroed(len: usize) -> std::io::Result<Self> {
         let map = memmap2::MmapOptions::new().len(len.max(1)).map_anon()?;
         // Before the first touch, so the faults allocate huge pages. Best effort: a kernel
