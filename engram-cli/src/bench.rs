@@ -68,16 +68,26 @@ pub struct BenchReport {
 /// The runtime's prefetch under a simulated host: each step the host computes (a spin
 /// of `host_work_ms`) before reaching the Engram layer; rows (512 tokens x 16 heads,
 /// 256-byte bf16 rows, from a memory-mapped 245 MiB table) are fetched meanwhile on the
-/// runtime's prefetch thread. The host (its spin and the layer math) runs on one core.
+/// runtime's prefetch pool (`RuntimeOptions::prefetch_threads` at its default, half the
+/// cores). The host (its spin and the layer math) runs on one core.
 #[derive(Debug, Serialize)]
 pub struct PrefetchBench {
     pub steps: u64,
-    /// Mean time to gather one step's rows on the prefetch thread, with no host work.
+    /// Threads of the runtime's prefetch pool.
+    pub prefetch_threads: usize,
+    /// Mean time to gather one step's rows on the prefetch threads with the host idle
+    /// (waiting for the rows).
+    pub fetch_ms_idle_host: f64,
+    /// Mean time to gather one step's rows on the prefetch threads while the host works
+    /// (a calibration run whose host work is 4 x `fetch_ms_idle_host`): the fetch time
+    /// the host's work must cover.
     pub fetch_ms: f64,
     /// The host's work before the Engram layer (1.5 x fetch_ms).
     pub host_work_ms: f64,
     /// Mean gather time per step while the host worked (contention shows here).
     pub fetch_ms_during_run: f64,
+    /// The slowest step's gather while the host worked.
+    pub max_fetch_ms_during_run: f64,
     /// Mean time the host waited for rows per step, with prefetch on.
     pub exposed_ms: f64,
     /// exposed / fetch time over all steps, with prefetch on.
@@ -423,17 +433,22 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
             Ok(per_step)
         };
     // The simulated host computes on one core (its layer math too), leaving the other to
-    // the prefetch thread, as a GPU host leaves its CPU cores. Without this, rayon's idle
+    // the prefetch pool, as a GPU host leaves its CPU cores. Without this, rayon's idle
     // workers spin after each layer forward and take the core the prefetch needs.
     let host_pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let (fetch, stats, per_step) = host_pool.install(|| -> Result<_> {
-        // Calibrate on the prefetch path itself (its gather runs on one thread).
-        let calibrate = make(true)?;
-        run(&calibrate, Duration::ZERO)?;
-        let fetch = calibrate.stats().fetch_time / steps as u32;
+    let (idle_fetch, fetch, stats, per_step) = host_pool.install(|| -> Result<_> {
+        // Calibrate on the prefetch path itself, with the host waiting and with the host
+        // busy for longer than the gather: the second is the fetch time its work must
+        // cover (they differ when the host's work slows the gather).
+        let idle = make(true)?;
+        run(&idle, Duration::ZERO)?;
+        let idle_fetch = idle.stats().fetch_time / steps as u32;
+        let busy = make(true)?;
+        run(&busy, idle_fetch * 4)?;
+        let fetch = busy.stats().fetch_time / steps as u32;
         let pre = make(true)?;
         let per_step = run(&pre, fetch * 3 / 2)?;
-        Ok((fetch, pre.stats(), per_step))
+        Ok((idle_fetch, fetch, pre.stats(), per_step))
     })?;
     let host_work = fetch * 3 / 2;
     let mut covered = engram_plugin::LookupStats::default();
@@ -443,9 +458,15 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
     std::fs::remove_file(dir.join("prefetch.safetensors")).ok();
     Ok(PrefetchBench {
         steps,
+        prefetch_threads: RuntimeOptions::default().prefetch_threads,
+        fetch_ms_idle_host: idle_fetch.as_secs_f64() * 1e3,
         fetch_ms: fetch.as_secs_f64() * 1e3,
         host_work_ms: host_work.as_secs_f64() * 1e3,
         fetch_ms_during_run: (stats.fetch_time / steps as u32).as_secs_f64() * 1e3,
+        max_fetch_ms_during_run: per_step
+            .iter()
+            .map(|s| s.fetch_time.as_secs_f64() * 1e3)
+            .fold(0.0, f64::max),
         exposed_ms: (stats.exposed_wait / steps as u32).as_secs_f64() * 1e3,
         exposed_fraction: stats.exposed_fraction(),
         covered_steps: covered.steps,

@@ -25,7 +25,9 @@ pub mod trace;
 
 pub use error::{PluginError, Result};
 pub use open::{BackendKind, OpenOptions};
-pub use runtime::{EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput};
+pub use runtime::{
+    default_prefetch_threads, EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput,
+};
 pub use stats::LookupStats;
 pub use step::Step;
 pub use trace::{LayerTrace, Trace};

@@ -1,5 +1,10 @@
 //! The background row fetcher: one worker thread that gathers each layer's rows as soon
 //! as the step's hashes are known, so the host's earlier layers hide the table latency.
+//!
+//! The gathers run on a thread pool of the fetcher's own, not on rayon's global pool:
+//! the global pool's workers share cores with the host's compute, and a chunk of a gather
+//! that lands on a worker whose core the host keeps busy waits for a scheduler time slice
+//! (milliseconds), holding up the whole fetch.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex};
@@ -65,20 +70,26 @@ impl FetchJob {
     }
 }
 
-/// The worker thread and its queue; jobs run in submission order (layer order).
+/// The worker thread and its queue; jobs run in submission order (layer order), each
+/// gather split over the fetcher's own pool of `threads` threads.
 pub struct Prefetcher {
     sender: Option<Sender<FetchJob>>,
     worker: Option<JoinHandle<()>>,
 }
 
 impl Prefetcher {
-    pub fn spawn() -> std::io::Result<Self> {
+    pub fn spawn(threads: usize) -> std::io::Result<Self> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .thread_name(|i| format!("engram-prefetch-{i}"))
+            .build()
+            .map_err(std::io::Error::other)?;
         let (sender, receiver) = channel::<FetchJob>();
         let worker = std::thread::Builder::new()
             .name("engram-prefetch".into())
             .spawn(move || {
                 for job in receiver {
-                    job.run();
+                    pool.install(|| job.run());
                 }
             })?;
         Ok(Self {
@@ -106,5 +117,57 @@ impl Drop for Prefetcher {
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engram_core::dtype::RowDtype;
+
+    /// A table whose gather records where it ran.
+    #[derive(Default)]
+    struct WhereTable {
+        seen: Mutex<Option<(String, usize)>>,
+    }
+
+    impl TableStore for WhereTable {
+        fn name(&self) -> &str {
+            "where"
+        }
+        fn num_rows(&self) -> u64 {
+            4
+        }
+        fn width(&self) -> usize {
+            2
+        }
+        fn dtype(&self) -> RowDtype {
+            RowDtype::F32
+        }
+        fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> engram_core::Result<()> {
+            self.check_gather(row_ids, out.len())?;
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            *self.seen.lock().unwrap() = Some((thread, rayon::current_num_threads()));
+            out.fill(1.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn gathers_run_on_the_fetchers_own_pool() {
+        let table = Arc::new(WhereTable::default());
+        let fetcher = Prefetcher::spawn(3).unwrap();
+        let slot = Arc::new(FetchSlot::default());
+        fetcher.submit(FetchJob {
+            table: table.clone(),
+            rows: Arc::new(vec![0, 3]),
+            slot: slot.clone(),
+        });
+        let (rows, _, _) = slot.wait();
+        assert_eq!(rows.unwrap(), vec![1.0; 4]);
+        let (thread, pool_threads) = table.seen.lock().unwrap().clone().unwrap();
+        assert!(thread.starts_with("engram-prefetch-"), "ran on {thread:?}");
+        // Not rayon's global pool: a gather splits over the fetcher's threads only.
+        assert_eq!(pool_threads, 3);
     }
 }

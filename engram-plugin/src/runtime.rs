@@ -42,6 +42,10 @@ pub struct RuntimeOptions {
     pub max_sequences: usize,
     /// Fetch rows on a background thread as soon as a step starts (else inside `apply`).
     pub prefetch: bool,
+    /// Threads each prefetched gather is split over: a pool of the runtime's own, so a
+    /// gather never waits behind the host's compute threads on rayon's global pool.
+    /// Default: half the machine's cores, 1 to 8 (see [`default_prefetch_threads`]).
+    pub prefetch_threads: usize,
     pub padding: Padding,
     /// Record every Engram layer's inputs and outputs in this directory (see
     /// [`crate::trace`]; for checking an integration, not for serving).
@@ -53,10 +57,19 @@ impl Default for RuntimeOptions {
         Self {
             max_sequences: 4096,
             prefetch: true,
+            prefetch_threads: default_prefetch_threads(),
             padding: Padding::Right,
             trace_dir: None,
         }
     }
+}
+
+/// Half the machine's cores, at least 1 and at most 8: a gather from memory is bound by
+/// memory bandwidth well before it uses every core, and the other half stays with the
+/// host (on 2 cores, the prefetch gets 1 thread and the host a core of its own).
+pub fn default_prefetch_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, 8)
 }
 
 /// The new tokens of one sequence in a step, as the host knows them.
@@ -119,7 +132,7 @@ impl EngramRuntime {
         let hasher = EngramHasher::new(&cfg.hash, compression.compressed_vocab_size(), pad)?;
         let prefetcher =
             if options.prefetch {
-                Some(Prefetcher::spawn().map_err(|e| {
+                Some(Prefetcher::spawn(options.prefetch_threads).map_err(|e| {
                     PluginError::Step(format!("cannot start the prefetch thread: {e}"))
                 })?)
             } else {

@@ -115,6 +115,7 @@ fn drive_like_a_host(variant: Variant, padding: Padding, prefetch: bool, seed: u
         RuntimeOptions {
             max_sequences: 64,
             prefetch,
+            prefetch_threads: 2,
             padding,
             trace_dir: None,
         },
@@ -254,6 +255,7 @@ fn ten_thousand_sequences_stay_bounded() {
                 prefetch: true,
                 padding: Padding::Right,
                 trace_dir: None,
+                ..RuntimeOptions::default()
             },
         );
         let mut previous: Vec<u64> = Vec::new();
