@@ -37,6 +37,41 @@ pub const PAPER_CONV_NORM_EPS: f32 = 1e-5;
 /// Lower clamp of |gate score| before the signed square root (both variants).
 pub const GATE_SCORE_CLAMP: f64 = 1e-6;
 
+/// Upper bounds [`HashConfig::validate`] and [`EngramConfig::validate`] enforce. They are
+/// far above any real model (DeepSeek-V4.1: 3 orders x 8 heads, hidden 7168, hc_mult 4)
+/// and keep every size derived from a config (tensor shapes, element counts, the prime
+/// search) from overflowing or allocating without bound, so a corrupt config is an error
+/// that names the field, not an abort.
+pub mod limits {
+    /// Largest n-gram order.
+    pub const MAX_NGRAM_SIZE: usize = 16;
+    /// Most hash heads per n-gram order.
+    pub const MAX_HEADS_PER_NGRAM: usize = 1024;
+    /// Most Engram layers in one model.
+    pub const MAX_LAYERS: usize = 1024;
+    /// Largest transformer layer index an Engram layer may sit at.
+    pub const MAX_LAYER_ID: usize = 1 << 20;
+    /// Most hyper-connection branches.
+    pub const MAX_HC_MULT: usize = 64;
+    /// Largest hidden size.
+    pub const MAX_HIDDEN_SIZE: usize = 1 << 20;
+    /// Widest table row (columns).
+    pub const MAX_HEAD_DIM: usize = 1 << 20;
+    /// Largest short-conv kernel.
+    pub const MAX_KERNEL_SIZE: usize = 64;
+}
+
+/// A config error unless `value <= max`.
+fn at_most(field: &str, value: usize, max: usize) -> Result<()> {
+    if value > max {
+        return Err(EngramError::config(
+            field,
+            format!("must be <= {max}, got {value}"),
+        ));
+    }
+    Ok(())
+}
+
 /// What hashing needs: enough to turn token ids into rows, nothing about the model.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HashConfig {
@@ -73,12 +108,11 @@ impl HashConfig {
                 format!("must be >= 2, got {}", self.max_ngram_size),
             );
         }
-        if self.max_ngram_size > 16 {
-            return bad(
-                "max_ngram_size",
-                format!("must be <= 16, got {}", self.max_ngram_size),
-            );
-        }
+        at_most(
+            "max_ngram_size",
+            self.max_ngram_size,
+            limits::MAX_NGRAM_SIZE,
+        )?;
         if self.engram_vocab_size.len() != self.num_orders() {
             return bad(
                 "engram_vocab_size",
@@ -105,8 +139,32 @@ impl HashConfig {
         if self.n_head_per_ngram == 0 {
             return bad("n_head_per_ngram", "must be >= 1".into());
         }
+        at_most(
+            "n_head_per_ngram",
+            self.n_head_per_ngram,
+            limits::MAX_HEADS_PER_NGRAM,
+        )?;
         if self.layer_ids.is_empty() {
             return bad("layer_ids", "must name at least one layer".into());
+        }
+        if self.layer_ids.len() > limits::MAX_LAYERS {
+            return bad(
+                "layer_ids",
+                format!(
+                    "names {} layers; at most {} are allowed",
+                    self.layer_ids.len(),
+                    limits::MAX_LAYERS
+                ),
+            );
+        }
+        if let Some(&id) = self.layer_ids.iter().find(|&&id| id > limits::MAX_LAYER_ID) {
+            return bad(
+                "layer_ids",
+                format!(
+                    "layer {id} is past the largest layer index {}",
+                    limits::MAX_LAYER_ID
+                ),
+            );
         }
         let mut seen = self.layer_ids.clone();
         seen.sort_unstable();
@@ -239,6 +297,10 @@ impl EngramConfig {
         if self.hc_mult == 0 {
             return bad("hc_mult", "must be >= 1".into());
         }
+        at_most("head_dim", self.head_dim, limits::MAX_HEAD_DIM)?;
+        at_most("hidden_size", self.hidden_size, limits::MAX_HIDDEN_SIZE)?;
+        at_most("hc_mult", self.hc_mult, limits::MAX_HC_MULT)?;
+        at_most("kernel_size", self.kernel_size, limits::MAX_KERNEL_SIZE)?;
         match self.variant {
             Variant::Paper if self.kernel_size == 0 => {
                 return bad(
@@ -505,6 +567,8 @@ impl Fields<'_> {
     fn vocab_sizes(&self, key: &str, max_ngram_size: usize) -> Result<Vec<u64>> {
         let v = self.get(key).ok_or_else(|| Self::missing(key))?;
         if let Some(n) = v.as_u64() {
+            // Checked here too: the list is built before the config is validated.
+            at_most("max_ngram_size", max_ngram_size, limits::MAX_NGRAM_SIZE)?;
             return Ok(vec![n; max_ngram_size.saturating_sub(1)]);
         }
         let arr = v.as_array().ok_or_else(|| {
@@ -555,6 +619,51 @@ mod tests {
         assert!(EngramConfig::from_hf_config(&json!({"hidden_size": 8}))
             .unwrap()
             .is_none());
+    }
+
+    /// Sizes past [`limits`] are refused before anything is sized from them (a
+    /// scalar vocab once became a list of `max_ngram_size - 1` entries before any check,
+    /// and `hc_mult` = 2^64 - 1 named that many tensors).
+    #[test]
+    fn absurd_sizes_are_refused_by_name() {
+        let huge = json!(u64::MAX);
+        for (section, field) in [
+            ("engram", "max_ngram_size"),
+            ("engram", "n_head_per_ngram"),
+            ("engram", "kernel_size"),
+            ("backbone", "hidden_size"),
+            ("backbone", "hc_mult"),
+        ] {
+            let mut v = demo();
+            v[section][field] = huge.clone();
+            let e = EngramConfig::from_golden_meta(&v).unwrap_err().to_string();
+            assert!(e.contains(field), "{field}: {e}");
+        }
+        let mut v = demo();
+        v["engram"]["layer_ids"] = json!([1, 1u64 << 40]);
+        let e = EngramConfig::from_golden_meta(&v).unwrap_err().to_string();
+        assert!(e.contains("layer_ids"), "{e}");
+        let mut v = demo();
+        v["engram"]["layer_ids"] = json!((0..2000).collect::<Vec<u32>>());
+        let e = EngramConfig::from_golden_meta(&v).unwrap_err().to_string();
+        assert!(e.contains("layer_ids"), "{e}");
+        let mut v = demo();
+        v["engram"]["engram_head_dim"] = huge.clone();
+        let e = EngramConfig::from_golden_meta(&v).unwrap_err().to_string();
+        assert!(e.contains("head_dim"), "{e}");
+
+        let hf = json!({"engram_layer_ids": [1], "engram_max_ngram_size": 1u64 << 60,
+            "engram_vocab_size": 1000, "engram_n_heads": 8, "engram_head_dim": 32,
+            "engram_pad_token_id": 2, "hidden_size": 64});
+        let e = EngramConfig::from_hf_config(&hf).unwrap_err().to_string();
+        assert!(e.contains("max_ngram_size"), "{e}");
+        // The largest sizes allowed still validate.
+        let mut v = demo();
+        v["engram"]["n_head_per_ngram"] = json!(limits::MAX_HEADS_PER_NGRAM);
+        v["engram"]["n_embed_per_ngram"] = json!(limits::MAX_HEADS_PER_NGRAM);
+        v["backbone"]["hc_mult"] = json!(limits::MAX_HC_MULT);
+        v["backbone"]["hidden_size"] = json!(limits::MAX_HIDDEN_SIZE);
+        EngramConfig::from_golden_meta(&v).unwrap();
     }
 
     #[test]

@@ -172,8 +172,16 @@ fn parse_record_name(path: &Path) -> Option<(u64, usize)> {
 }
 
 fn read_records(path: &Path, seq_id: u64, layer_id: usize, c: usize) -> Result<LayerTrace> {
+    let record = c
+        .checked_mul(8)
+        .and_then(|b| b.checked_add(12))
+        .ok_or_else(|| {
+            PluginError::Engram(EngramError::file(
+                path,
+                format!("{c} channels per record is more than any trace holds"),
+            ))
+        })?;
     let bytes = fs::read(path).map_err(|e| EngramError::file(path, e))?;
-    let record = 12 + 8 * c;
     if bytes.len() % record != 0 {
         return Err(PluginError::Engram(EngramError::file(
             path,
@@ -261,5 +269,27 @@ mod tests {
             err.contains("seq9.layer3.bin") && err.contains("whole number"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_channel_count_past_any_record_size_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = TraceWriter::create(dir.path(), 2, &[1]).unwrap();
+        let a = TracedInput {
+            seq_id: 1,
+            position: 0,
+            tokens: vec![5],
+        };
+        w.record(1, &[a], &[1.0, 2.0], &[3.0, 4.0]).unwrap();
+        // 8 * 2^61 wraps to 0 in a u64: unchecked, records would be 12 bytes long.
+        for channels in [1u64 << 61, u64::MAX] {
+            let index = serde_json::json!({"format": 1, "channels": channels, "layer_ids": [1]});
+            fs::write(dir.path().join(INDEX), index.to_string()).unwrap();
+            let err = Trace::read(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("seq1.layer1.bin") && err.contains("channels"),
+                "{err}"
+            );
+        }
     }
 }
