@@ -1,6 +1,7 @@
 //! The plugin runtime driven like a host engine: random batches, sequences joining and
 //! ending, prefill chunks and decode steps, through candle tensors. Every output equals
-//! the whole-sequence reference forward; state stays bounded; errors stay errors.
+//! the whole-sequence reference forward; state stays bounded; errors stay errors, misuse
+//! included.
 
 use std::sync::Arc;
 
@@ -442,5 +443,150 @@ fn a_panicking_store_is_an_error() {
             .unwrap()
             .to_string();
         assert!(e.contains("panicked") && e.contains("layer 1"), "{e}");
+    }
+}
+
+/// A host that calls the runtime wrongly at random (ids past the vocabulary, positions
+/// that skip or repeat, masks and contexts of the wrong length, sequences ended while
+/// they feed, steps left open or dropped, layers unknown or applied twice, tensors of
+/// the wrong shape or dtype) gets errors, never a panic; and the runtime still serves a
+/// well-formed step afterwards.
+#[test]
+fn random_misuse_is_errors_not_panics() {
+    use candle_core::DType;
+    for (variant, prefetch, seed) in [
+        (Variant::Paper, true, 1),
+        (Variant::Paper, false, 2),
+        (Variant::V41, true, 3),
+    ] {
+        let fx = fixture(variant, 2, 32, seed);
+        let c = fx.cfg.branch_channels();
+        let rt = runtime(
+            &fx,
+            RuntimeOptions {
+                max_sequences: 4,
+                prefetch,
+                ..RuntimeOptions::default()
+            },
+        );
+        let mut rng = TestRng::new(seed * 31);
+        let vocab = fx.compressed_vocab as u64;
+        let mut panics = Vec::new();
+        let mut fed = [0usize; 6];
+        let (mut begun, mut applied) = (0, 0);
+        let rounds = 2000;
+        for round in 0..rounds {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let count = rng.below(4) as usize;
+                let seqs: Vec<u64> = (0..count).map(|_| rng.below(6)).collect();
+                let tokens: Vec<Vec<u32>> = seqs
+                    .iter()
+                    .map(|_| {
+                        let n = rng.below(5) as usize;
+                        (0..n).map(|_| rng.below(vocab + 2) as u32).collect()
+                    })
+                    .collect();
+                let dead: Vec<Vec<bool>> = tokens
+                    .iter()
+                    .map(|t| {
+                        let n = t.len() + rng.below(3) as usize;
+                        (0..n.saturating_sub(1))
+                            .map(|_| rng.below(3) == 0)
+                            .collect()
+                    })
+                    .collect();
+                let context: Vec<u32> =
+                    (0..rng.below(5)).map(|_| rng.below(vocab) as u32).collect();
+                let inputs: Vec<SequenceInput<'_>> = seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &seq_id)| SequenceInput {
+                        seq_id,
+                        tokens: &tokens[i],
+                        position: match rng.below(3) {
+                            0 => 0,
+                            1 => fed[seq_id as usize],
+                            _ => rng.below(12) as usize,
+                        },
+                        dead: (rng.below(3) == 0).then_some(&dead[i][..]),
+                        context: (rng.below(3) == 0).then_some(&context[..]),
+                    })
+                    .collect();
+                let ended: Vec<u64> = (0..rng.below(3)).map(|_| rng.below(6)).collect();
+                let Ok(mut step) = rt.begin_step(&inputs, &ended) else {
+                    return;
+                };
+                begun += 1;
+                for (i, s) in inputs.iter().enumerate() {
+                    fed[s.seq_id as usize] = s.position + tokens[i].len();
+                }
+                let t = tokens.iter().map(Vec::len).max().unwrap_or(0);
+                for _ in 0..rng.below(4) {
+                    let layer = [1, 4, 1, 4, 2][rng.below(5) as usize];
+                    let r = match rng.below(3) {
+                        0 => {
+                            let total: usize = tokens.iter().map(Vec::len).sum();
+                            let len = (total * c + [0, 1, c][rng.below(3) as usize])
+                                .saturating_sub([0, 1][rng.below(2) as usize]);
+                            step.apply_packed(layer, &vec![0.25; len]).map(|_| ())
+                        }
+                        _ => {
+                            let b = count + [0, 0, 1][rng.below(3) as usize];
+                            let dims: Vec<usize> = match rng.below(4) {
+                                0 => vec![b, t, fx.cfg.hc_mult, fx.cfg.hidden_size],
+                                1 => vec![b, t + 1, c],
+                                2 => vec![b * t, c],
+                                _ => vec![b, t, c],
+                            };
+                            let dtype = [DType::F32, DType::BF16, DType::F16, DType::U8]
+                                [rng.below(4) as usize];
+                            let x = Tensor::zeros(dims, dtype, &Device::Cpu).unwrap();
+                            step.apply(layer, &x).map(|_| ())
+                        }
+                    };
+                    applied += r.is_ok() as usize;
+                }
+                match rng.below(3) {
+                    0 => drop(step),
+                    1 => {
+                        step.finish();
+                    }
+                    _ => {
+                        // A second step while this one is open.
+                        let _ = rt.begin_step(&inputs, &[]);
+                        step.finish();
+                    }
+                }
+                if rng.below(10) == 0 {
+                    rt.end_sequences(&[rng.below(6)]);
+                }
+            }));
+            if outcome.is_err() {
+                panics.push(round);
+            }
+        }
+        // Not vacuous: many of the random steps began, and some layers were applied.
+        assert!(
+            begun > rounds / 10 && applied > rounds / 20,
+            "{begun} {applied}"
+        );
+        assert!(
+            panics.is_empty(),
+            "{variant:?}: panicked in rounds {panics:?}"
+        );
+        // Still serving: a fresh sequence through every layer.
+        let tokens = [1u32, 2, 3];
+        let input = SequenceInput {
+            seq_id: 100,
+            tokens: &tokens,
+            position: 0,
+            dead: None,
+            context: None,
+        };
+        let mut step = rt.begin_step(&[input], &[]).unwrap();
+        for &layer in &fx.cfg.hash.layer_ids {
+            step.apply_packed(layer, &vec![0.5; 3 * c]).unwrap();
+        }
+        step.finish();
     }
 }
