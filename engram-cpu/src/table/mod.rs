@@ -43,7 +43,11 @@ pub const DEFAULT_PARALLEL_MIN_BYTES: usize = 256 * 1024;
 /// How [`CpuTable::open_layer`] holds the rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableMode {
-    /// Memory-mapped from the file ([`CpuTable::open_mmap`]).
+    /// Memory-mapped from the file ([`CpuTable::open_mmap`]). The file's size is
+    /// checked at open; it must not be truncated or rewritten in place while the table
+    /// is open (as for any memory map, reading a page cut off the file raises SIGBUS).
+    /// Replacing it with a new file (write elsewhere, then rename) is safe: the map keeps
+    /// the old one.
     Mmap,
     /// Read into RAM ([`CpuTable::load`]).
     Ram,
