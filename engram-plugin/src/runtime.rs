@@ -44,7 +44,8 @@ pub struct RuntimeOptions {
     pub prefetch: bool,
     /// Threads each prefetched gather is split over: a pool of the runtime's own, so a
     /// gather never waits behind the host's compute threads on rayon's global pool.
-    /// Default: half the machine's cores, 1 to 8 (see [`default_prefetch_threads`]).
+    /// Default: half the machine's cores, 1 to 8 (see [`default_prefetch_threads`]); 0
+    /// counts as 1.
     pub prefetch_threads: usize,
     pub padding: Padding,
     /// Record every Engram layer's inputs and outputs in this directory (see
