@@ -76,11 +76,11 @@ pub struct PrefetchBench {
     /// Threads of the runtime's prefetch pool.
     pub prefetch_threads: usize,
     /// Mean time to gather one step's rows on the prefetch threads with the host idle
-    /// (waiting for the rows).
+    /// (waiting for the rows), over a 30-step calibration run.
     pub fetch_ms_idle_host: f64,
     /// Mean time to gather one step's rows on the prefetch threads while the host works
-    /// (a calibration run whose host work is 4 x `fetch_ms_idle_host`): the fetch time
-    /// the host's work must cover.
+    /// (a 30-step calibration run whose host work is 4 x `fetch_ms_idle_host`): the
+    /// fetch time the host's work must cover.
     pub fetch_ms: f64,
     /// The host's work before the Engram layer (1.5 x fetch_ms).
     pub host_work_ms: f64,
@@ -403,35 +403,36 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
             },
         )
     };
-    let (seqs, steps) = (512usize, 100u64);
+    // Each calibration needs only a mean; every step also runs the layer's math on one
+    // core, which is most of this benchmark's time.
+    let (seqs, steps, calibration_steps) = (512usize, 100u64, 30u64);
     let c = cfg.branch_channels();
     let hidden = vec![0.25f32; seqs * c];
     // Per-step stats, so steps where the gather outran the host's work can be told apart.
-    let run =
-        |rt: &EngramRuntime, host_work: Duration| -> Result<Vec<engram_plugin::LookupStats>> {
-            let mut per_step = Vec::new();
-            for s in 0..steps {
-                let tokens: Vec<[u32; 1]> = (0..seqs as u64)
-                    .map(|b| [rng_token(s * 1000 + b)])
-                    .collect();
-                let inputs: Vec<SequenceInput<'_>> = tokens
-                    .iter()
-                    .enumerate()
-                    .map(|(b, t)| SequenceInput {
-                        seq_id: b as u64,
-                        tokens: t,
-                        position: s as usize,
-                        dead: None,
-                        context: None,
-                    })
-                    .collect();
-                let mut step = rt.begin_step(&inputs, &[])?;
-                spin(host_work);
-                step.apply_packed(1, &hidden)?;
-                per_step.push(step.finish());
-            }
-            Ok(per_step)
-        };
+    let run = |rt: &EngramRuntime, host_work: Duration, steps: u64| -> Result<Vec<_>> {
+        let mut per_step: Vec<engram_plugin::LookupStats> = Vec::new();
+        for s in 0..steps {
+            let tokens: Vec<[u32; 1]> = (0..seqs as u64)
+                .map(|b| [rng_token(s * 1000 + b)])
+                .collect();
+            let inputs: Vec<SequenceInput<'_>> = tokens
+                .iter()
+                .enumerate()
+                .map(|(b, t)| SequenceInput {
+                    seq_id: b as u64,
+                    tokens: t,
+                    position: s as usize,
+                    dead: None,
+                    context: None,
+                })
+                .collect();
+            let mut step = rt.begin_step(&inputs, &[])?;
+            spin(host_work);
+            step.apply_packed(1, &hidden)?;
+            per_step.push(step.finish());
+        }
+        Ok(per_step)
+    };
     // The simulated host computes on one core (its layer math too), leaving the other to
     // the prefetch pool, as a GPU host leaves its CPU cores. Without this, rayon's idle
     // workers spin after each layer forward and take the core the prefetch needs.
@@ -441,13 +442,13 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
         // busy for longer than the gather: the second is the fetch time its work must
         // cover (they differ when the host's work slows the gather).
         let idle = make(true)?;
-        run(&idle, Duration::ZERO)?;
-        let idle_fetch = idle.stats().fetch_time / steps as u32;
+        run(&idle, Duration::ZERO, calibration_steps)?;
+        let idle_fetch = idle.stats().fetch_time / calibration_steps as u32;
         let busy = make(true)?;
-        run(&busy, idle_fetch * 4)?;
-        let fetch = busy.stats().fetch_time / steps as u32;
+        run(&busy, idle_fetch * 4, calibration_steps)?;
+        let fetch = busy.stats().fetch_time / calibration_steps as u32;
         let pre = make(true)?;
-        let per_step = run(&pre, fetch * 3 / 2)?;
+        let per_step = run(&pre, fetch * 3 / 2, steps)?;
         Ok((idle_fetch, fetch, pre.stats(), per_step))
     })?;
     let host_work = fetch * 3 / 2;

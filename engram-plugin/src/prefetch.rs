@@ -88,9 +88,14 @@ impl Prefetcher {
         let worker = std::thread::Builder::new()
             .name("engram-prefetch".into())
             .spawn(move || {
-                for job in receiver {
-                    pool.install(|| job.run());
-                }
+                // The whole loop runs on one of the pool's threads, so a job wakes that
+                // thread directly (no second hand-off per job) and its gather splits over
+                // the pool from there.
+                pool.install(move || {
+                    for job in receiver {
+                        job.run();
+                    }
+                })
             })?;
         Ok(Self {
             sender: Some(sender),
