@@ -223,7 +223,7 @@ fn mutated_inputs_are_errors_not_panics() {
         write("config.json", config.to_string().as_bytes());
         write("tokenizer.json", tokenizer.to_string().as_bytes());
     };
-    // The clean copy opens and steps: the mutations start from a working model.
+    // The clean copy is consistent and opens: the mutations start from a working model.
     reset();
     assert!(engram_cli::inspect::inspect(&work).unwrap().consistent());
     EngramRuntime::open(&work, OpenOptions::default())
