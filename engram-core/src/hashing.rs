@@ -28,8 +28,8 @@ use crate::fastmod::{self, Isa, LaneKernel, LANES};
 use crate::numpy_rng::layer_multipliers;
 use crate::primes::{table_layouts, LayerTableLayout};
 
-/// Longest window the stack buffers hold (HashConfig caps max_ngram_size at 16).
-const MAX_WINDOW: usize = 16;
+/// Longest window the stack buffers hold: the largest order a validated config allows.
+const MAX_WINDOW: usize = crate::config::limits::MAX_NGRAM_SIZE;
 /// Positions per block of the sequence path (its mixes stay in L1).
 const BLOCK: usize = 32;
 
