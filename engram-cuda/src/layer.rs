@@ -602,7 +602,8 @@ impl CudaLayer {
         self.forward_device(hidden, &emb, dead, segments, out)
     }
 
-    /// [`EngramLayer::forward`] with the crate's error type.
+    /// [`EngramLayer::forward`] with the crate's error type: host buffers copied to the
+    /// device and back.
     pub fn forward_host(
         &self,
         hidden: &[f32],
@@ -611,10 +612,54 @@ impl CudaLayer {
         segments: &mut [Segment<'_>],
         out: &mut [f32],
     ) -> Result<()> {
+        self.on_host_buffers(
+            hidden,
+            embeddings.len(),
+            dead,
+            segments,
+            out,
+            |h, segs, o| {
+                let e = self.backend.upload(embeddings)?;
+                self.forward_device(h, &e, dead, segs, o)
+            },
+        )
+    }
+
+    /// [`Self::forward_rows`] for a host engine that keeps hidden states and windows in
+    /// host memory: the rows come from `table` (ids, or a prefetch issued earlier, whose
+    /// transfer the compute stream waits for), everything else is copied like
+    /// [`Self::forward_host`].
+    pub fn forward_host_rows(
+        &self,
+        table: &mut dyn DeviceTableStore,
+        rows: Rows<'_>,
+        hidden: &[f32],
+        dead: Option<&[bool]>,
+        segments: &mut [Segment<'_>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let tokens: usize = segments.iter().map(|s| s.len).sum();
+        let embeddings = tokens * self.cfg.embed_dim();
+        self.on_host_buffers(hidden, embeddings, dead, segments, out, |h, segs, o| {
+            self.forward_rows(table, rows, h, dead, segs, o)
+        })
+    }
+
+    /// Checks host arguments, uploads `hidden` and the segments' windows, runs `run` on
+    /// the device copies, and downloads the output and the updated windows.
+    fn on_host_buffers(
+        &self,
+        hidden: &[f32],
+        embeddings: usize,
+        dead: Option<&[bool]>,
+        segments: &mut [Segment<'_>],
+        out: &mut [f32],
+        run: impl FnOnce(&CudaSlice<f32>, &mut [DeviceSegment<'_>], &mut CudaSlice<f32>) -> Result<()>,
+    ) -> Result<()> {
         let tokens = check_forward_args(
             &self.cfg,
             hidden.len(),
-            embeddings.len(),
+            embeddings,
             dead,
             segments,
             out.len(),
@@ -624,7 +669,6 @@ impl CudaLayer {
         }
         let be = &self.backend;
         let h = be.upload(hidden)?;
-        let e = be.upload(embeddings)?;
         let mut o = be.alloc_zeros::<f32>(out.len())?;
         let mut states = segments
             .iter()
@@ -644,7 +688,7 @@ impl CudaLayer {
                     conv: st.as_mut(),
                 })
                 .collect();
-            self.forward_device(&h, &e, dead, &mut dsegs, &mut o)?;
+            run(&h, &mut dsegs, &mut o)?;
         }
         be.download_into(&o, out)?;
         for (seg, st) in segments.iter_mut().zip(&states) {

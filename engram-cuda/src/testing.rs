@@ -3,6 +3,7 @@
 //! `ENGRAM_REQUIRE_GPU=1` (what `cargo xtask test-gpu` sets) turns "skipped: no GPU"
 //! into a test failure, so a GPU run cannot pass by verifying nothing.
 
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::backend::CudaBackend;
@@ -70,6 +71,33 @@ pub fn gpu_or_skip(test: &str) -> Option<GpuTest> {
             NoGpu::Fail(msg) => panic!("{msg}"),
         },
     }
+}
+
+/// The repository's `tests/data` (the golden files): `ENGRAM_TEST_DATA` (what a bundle
+/// run elsewhere sets), else found from this crate's source or the working directory.
+pub fn golden_data_dir() -> Option<PathBuf> {
+    [
+        std::env::var_os("ENGRAM_TEST_DATA").map(PathBuf::from),
+        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")),
+        Some(PathBuf::from("tests/data")),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|p| p.join("forward_demo_small.safetensors").is_file())
+}
+
+/// [`golden_data_dir`] for test `test`, or `None` after printing "skipped: ..."; fails
+/// instead when `ENGRAM_REQUIRE_GPU=1` (a GPU run must not pass without its data).
+pub fn golden_data_or_skip(test: &str) -> Option<PathBuf> {
+    let dir = golden_data_dir();
+    if dir.is_none() {
+        let why = "golden files not found (set ENGRAM_TEST_DATA to the repository's tests/data)";
+        match no_gpu(test, why, require_gpu()) {
+            NoGpu::Skip(line) => println!("{line}"),
+            NoGpu::Fail(msg) => panic!("{msg}"),
+        }
+    }
+    dir
 }
 
 #[cfg(test)]

@@ -4,8 +4,6 @@
 //! Without a usable GPU each test prints "skipped: <why>" and passes; with
 //! `ENGRAM_REQUIRE_GPU=1` (set by `cargo xtask test-gpu`) it fails instead.
 
-use std::path::PathBuf;
-
 use engram_core::backend::{EngramLayer, Segment, ShortConvState};
 use engram_core::checkpoint::{
     load_layer_weights, table_spec, Checkpoint, LayerWeights, SafetensorsHeader,
@@ -15,7 +13,7 @@ use engram_core::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype};
 use engram_core::primes::table_layouts;
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::{DenseTable, TableStore};
-use engram_cuda::testing::gpu_or_skip;
+use engram_cuda::testing::{golden_data_or_skip, gpu_or_skip};
 
 mod common;
 use common::*;
@@ -76,18 +74,6 @@ fn placements(
     }
     v.push(Box::new(PinnedTable::new(be, mapped).unwrap()));
     v
-}
-
-fn data_dir() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("ENGRAM_TEST_DATA").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")),
-        Some(PathBuf::from("tests/data")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.join("forward_demo_small.safetensors").is_file())
 }
 
 // ---------------------------------------------------------------- tests
@@ -542,8 +528,7 @@ fn golden_files_pass_on_the_gpu() {
         return;
     };
     let be = &gpu.backend;
-    let Some(dir) = data_dir() else {
-        println!("skipped: golden files not found (set ENGRAM_TEST_DATA to tests/data)");
+    let Some(dir) = golden_data_or_skip("golden_files_pass_on_the_gpu") else {
         return;
     };
     for file in [

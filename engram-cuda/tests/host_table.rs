@@ -1,28 +1,16 @@
 //! `HostTable` on the golden checkpoints (CPU only): a table mapped from a safetensors
 //! file gathers exactly what the core's loader reads.
 
-use std::path::PathBuf;
-
 use engram_core::checkpoint::{load_dense_table, table_spec, Checkpoint, SafetensorsHeader};
 use engram_core::config::EngramConfig;
 use engram_core::primes::table_layouts;
 use engram_core::table::TableStore;
+use engram_cuda::testing::golden_data_or_skip;
 use engram_cuda::HostTable;
-
-fn data_dir() -> Option<PathBuf> {
-    [
-        std::env::var_os("ENGRAM_TEST_DATA").map(PathBuf::from),
-        Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|p| p.join("forward_demo_small.safetensors").is_file())
-}
 
 #[test]
 fn mapped_checkpoint_tables_match_the_core_loader() {
-    let Some(dir) = data_dir() else {
-        println!("skipped: golden files not found");
+    let Some(dir) = golden_data_or_skip("mapped_checkpoint_tables_match_the_core_loader") else {
         return;
     };
     for file in [
