@@ -392,11 +392,7 @@ fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
         EngramRuntime::from_parts(
             cfg.clone(),
             compression.clone(),
-            vec![RuntimeLayer {
-                layer_id: 1,
-                table: table.clone(),
-                layer: layer.clone(),
-            }],
+            vec![RuntimeLayer::on_host(1, table.clone(), layer.clone())],
             RuntimeOptions {
                 prefetch,
                 ..RuntimeOptions::default()

@@ -22,6 +22,14 @@ pub enum PluginError {
         reason: String,
     },
 
+    /// A setting (an environment variable, say) the runtime cannot use.
+    #[error("{name}={value:?}: {reason}")]
+    Setting {
+        name: String,
+        value: String,
+        reason: String,
+    },
+
     /// The background fetch failed (its message says why) or its worker is gone.
     #[error("row fetch for Engram layer {layer_id} failed: {message}")]
     Fetch { layer_id: usize, message: String },

@@ -15,6 +15,7 @@
 //! let stats = step.finish();                              // rows, bytes, fetch vs exposed
 //! ```
 
+pub mod device;
 pub mod error;
 pub mod open;
 pub mod prefetch;
@@ -23,8 +24,9 @@ pub mod stats;
 pub mod step;
 pub mod trace;
 
+pub use device::{CudaTables, DeviceRows};
 pub use error::{PluginError, Result};
-pub use open::{BackendKind, OpenOptions};
+pub use open::{BackendKind, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV};
 pub use runtime::{
     default_prefetch_threads, EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput,
 };

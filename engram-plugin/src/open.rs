@@ -7,16 +7,22 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use engram_core::checkpoint::{layer_prefix, load_layer_weights, Checkpoint, SafetensorsHeader};
+use engram_core::checkpoint::{
+    layer_prefix, load_layer_weights, table_spec_from_header, Checkpoint, LayerWeights,
+    SafetensorsHeader,
+};
 use engram_core::compress::VocabCompression;
 use engram_core::config::EngramConfig;
-use engram_core::primes::table_layouts;
+use engram_core::primes::{table_layouts, LayerTableLayout};
 use engram_core::reference::ReferenceLayer;
+use engram_core::table::TableStore;
 use engram_core::EngramError;
 use engram_cpu::layer::CpuLayer;
 use engram_cpu::table::TableMode;
 use engram_cpu::CpuTable;
+use engram_cuda::HostTable;
 
+use crate::device::{CudaTables, DeviceRows};
 use crate::error::{PluginError, Result};
 use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 
@@ -28,10 +34,38 @@ pub enum BackendKind {
     /// The core's reference math (plain loops, f64 accumulation): slow, for checking a
     /// host integration or another backend against.
     Reference,
-    /// The CUDA device `ordinal` (rows are gathered on the host and uploaded per layer);
-    /// opening fails with a clear error where there is no driver or device.
-    Cuda { ordinal: usize },
+    /// The CUDA device `ordinal`, tables placed as `tables` says (by default in host
+    /// memory, each step's rows moved to the device by the prefetch thread); opening fails
+    /// with a clear error where there is no driver or device.
+    Cuda { ordinal: usize, tables: CudaTables },
 }
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+
+    /// `cpu`, `reference`, `cuda` (device 0) or `cuda:N`; CUDA tables in pinned host
+    /// memory (see [`CudaTables`] for the others).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let cuda = |ordinal| BackendKind::Cuda {
+            ordinal,
+            tables: CudaTables::default(),
+        };
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "reference" => Ok(Self::Reference),
+            "cuda" => Ok(cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(ordinal)) => Ok(cuda(ordinal)),
+                _ => Err("expected cpu, reference, cuda or cuda:N".into()),
+            },
+        }
+    }
+}
+
+/// Selects the backend of [`OpenOptions::from_env`].
+pub const BACKEND_ENV: &str = "ENGRAM_BACKEND";
+/// Selects where the CUDA backend keeps the tables, for [`OpenOptions::from_env`].
+pub const CUDA_TABLES_ENV: &str = "ENGRAM_CUDA_TABLES";
 
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -54,6 +88,39 @@ impl Default for OpenOptions {
             tokenizer: None,
             config: None,
         }
+    }
+}
+
+impl OpenOptions {
+    /// The defaults, with the backend a host engine's user chose through the environment:
+    /// `ENGRAM_BACKEND` (`cpu`, `reference`, `cuda`, `cuda:N`) and, for CUDA,
+    /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`). A value
+    /// that does not parse is an error naming the variable, not a silent default.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let setting = |name: &str, value: &str, reason: String| PluginError::Setting {
+            name: name.into(),
+            value: value.into(),
+            reason,
+        };
+        let mut options = Self::default();
+        if let Some(v) = var(BACKEND_ENV) {
+            options.backend = v.parse().map_err(|r| setting(BACKEND_ENV, &v, r))?;
+        }
+        if let Some(v) = var(CUDA_TABLES_ENV) {
+            let tables: CudaTables = v.parse().map_err(|r| setting(CUDA_TABLES_ENV, &v, r))?;
+            match &mut options.backend {
+                BackendKind::Cuda { tables: t, .. } => *t = tables,
+                _ => {
+                    return Err(setting(
+                        CUDA_TABLES_ENV,
+                        &v,
+                        format!("only used by the CUDA backend; set {BACKEND_ENV}=cuda"),
+                    ))
+                }
+            }
+        }
+        Ok(options)
     }
 }
 
@@ -82,10 +149,11 @@ impl EngramRuntime {
 
         let cuda = match options.backend {
             BackendKind::Cpu | BackendKind::Reference => None,
-            BackendKind::Cuda { ordinal } => {
-                Some(engram_cuda::CudaBackend::try_new(ordinal).map_err(|e| {
+            BackendKind::Cuda { ordinal, tables } => {
+                let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|e| {
                     PluginError::Step(format!("the CUDA backend was asked for: {e}"))
-                })?)
+                })?;
+                Some((backend, tables))
             }
         };
         let mut layers = Vec::new();
@@ -101,33 +169,78 @@ impl EngramRuntime {
                         format!("no tensor named `{prefix}*` in {} safetensors file(s): Engram layer {} has no weights", files.len(), layout.layer_id),
                     ))
                 })?;
-            let table = CpuTable::open_layer(&file, &cfg, &layout, options.table_mode)?;
             let weights = {
                 let map = map_readonly(&file)?;
                 let ck = Checkpoint::parse(&file, &map)?;
                 load_layer_weights(&ck, &cfg, layout.layer_id)?
             };
-            let layer: Arc<dyn engram_core::backend::EngramLayer> = match &cuda {
-                None if options.backend == BackendKind::Reference => {
-                    Arc::new(ReferenceLayer::new(cfg.clone(), layout.layer_id, weights)?)
+            let layer = match &cuda {
+                None => {
+                    let table = CpuTable::open_layer(&file, &cfg, &layout, options.table_mode)?;
+                    let layer: Arc<dyn engram_core::backend::EngramLayer> =
+                        if options.backend == BackendKind::Reference {
+                            Arc::new(ReferenceLayer::new(cfg.clone(), layout.layer_id, weights)?)
+                        } else {
+                            Arc::new(CpuLayer::new(cfg.clone(), layout.layer_id, weights)?)
+                        };
+                    RuntimeLayer::on_host(layout.layer_id, Arc::new(table), layer)
                 }
-                None => Arc::new(CpuLayer::new(cfg.clone(), layout.layer_id, weights)?),
-                Some(backend) => Arc::new(
-                    engram_cuda::CudaLayer::new(backend, cfg.clone(), layout.layer_id, &weights)
-                        .map_err(|e| {
-                            PluginError::Step(format!("CUDA layer {}: {e}", layout.layer_id))
-                        })?,
-                ),
+                Some((backend, tables)) => cuda_layer(
+                    backend,
+                    *tables,
+                    &cfg,
+                    &layout,
+                    &file,
+                    options.table_mode,
+                    &weights,
+                )?,
             };
-            layers.push(RuntimeLayer {
-                layer_id: layout.layer_id,
-                table: Arc::new(table),
-                layer,
-            });
+            layers.push(layer);
         }
         tracing::info!(layers = ?cfg.hash.layer_ids, variant = ?cfg.variant, "opened Engram runtime");
         EngramRuntime::from_parts(cfg, compression, layers, options.runtime).map(Some)
     }
+}
+
+/// A layer on the GPU: its table in host memory (mapped or read, as `mode` says) placed
+/// for the device as `tables` says, its weights on the device.
+fn cuda_layer(
+    backend: &engram_cuda::CudaBackend,
+    tables: CudaTables,
+    cfg: &EngramConfig,
+    layout: &LayerTableLayout,
+    file: &Path,
+    mode: TableMode,
+    weights: &LayerWeights,
+) -> Result<RuntimeLayer> {
+    let layer_id = layout.layer_id;
+    let on_gpu = |e: engram_cuda::CudaBackendError| {
+        PluginError::Step(format!("Engram layer {layer_id} on the GPU: {e}"))
+    };
+    let header = SafetensorsHeader::read_file(file)?;
+    header.check_complete()?;
+    let spec = table_spec_from_header(&header, cfg, layout)?;
+    let mut host = HostTable::map_safetensors(&header, &spec).map_err(on_gpu)?;
+    if mode == TableMode::Ram {
+        host = HostTable::from_raw(
+            format!("{}:{}", file.display(), spec.tensor),
+            host.dtype(),
+            host.width(),
+            host.values(),
+            host.scales(),
+        )
+        .map_err(on_gpu)?;
+    }
+    let layer = Arc::new(
+        engram_cuda::CudaLayer::new(backend, cfg.clone(), layer_id, weights).map_err(on_gpu)?,
+    );
+    let device = DeviceRows::new(backend, host.clone(), tables, layer.clone()).map_err(on_gpu)?;
+    Ok(RuntimeLayer {
+        layer_id,
+        table: Arc::new(host),
+        layer,
+        device: Some(Arc::new(device)),
+    })
 }
 
 /// The directory and the safetensors files at `location`.
@@ -183,4 +296,28 @@ fn map_readonly(path: &Path) -> Result<memmap2::Mmap> {
     // Checkpoint::parse checks every tensor lies inside it before anything is read.
     unsafe { memmap2::Mmap::map(&file) }
         .map_err(|e| PluginError::Engram(EngramError::file(path, format!("cannot map: {e}"))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_and_placements_parse_from_their_names() {
+        let cuda = |ordinal, tables| BackendKind::Cuda { ordinal, tables };
+        assert_eq!("cpu".parse(), Ok(BackendKind::Cpu));
+        assert_eq!("reference".parse(), Ok(BackendKind::Reference));
+        assert_eq!("cuda".parse(), Ok(cuda(0, CudaTables::PinnedHost)));
+        assert_eq!("cuda:3".parse(), Ok(cuda(3, CudaTables::PinnedHost)));
+        for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:x", "CPU"] {
+            assert!(bad.parse::<BackendKind>().is_err(), "{bad:?}");
+        }
+        assert_eq!("pinned-host".parse(), Ok(CudaTables::PinnedHost));
+        assert_eq!("device".parse(), Ok(CudaTables::Device));
+        assert_eq!("zero-copy".parse(), Ok(CudaTables::ZeroCopy));
+        assert_eq!("cache:4096".parse(), Ok(CudaTables::Cached { rows: 4096 }));
+        for bad in ["", "cache", "cache:", "cache:0", "cache:-5", "pinned"] {
+            assert!(bad.parse::<CudaTables>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -12,9 +12,20 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use engram_core::table::TableStore;
+use engram_cuda::Prefetch;
 
-/// Gathered rows of one layer, or the error that stopped the gather.
-pub type Fetched = std::result::Result<Vec<f32>, String>;
+use crate::device::DeviceRows;
+
+/// A layer's rows, ready for the layer.
+pub enum FetchedRows {
+    /// Gathered and decoded into host memory.
+    Host(Vec<f32>),
+    /// On their way to the device: a prefetch of the layer's device store.
+    Device(Prefetch),
+}
+
+/// A layer's rows, or the error that stopped the fetch.
+pub type Fetched = std::result::Result<FetchedRows, String>;
 
 /// Where a fetch's result lands; the host waits on it.
 #[derive(Default)]
@@ -41,9 +52,11 @@ impl FetchSlot {
     }
 }
 
-/// A gather to run: rows of `table` into a fresh buffer.
+/// A fetch to run: rows of `table` into a fresh buffer, or, for a layer on the device,
+/// a prefetch of its device store.
 pub struct FetchJob {
     pub table: Arc<dyn TableStore>,
+    pub device: Option<Arc<DeviceRows>>,
     pub rows: Arc<Vec<u64>>,
     pub slot: Arc<FetchSlot>,
 }
@@ -54,10 +67,13 @@ impl FetchJob {
         let start = Instant::now();
         // A panicking store must not leave the host waiting forever on this slot.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if let Some(device) = &self.device {
+                return device.prefetch(&self.rows).map(FetchedRows::Device);
+            }
             let mut out = vec![0f32; self.rows.len() * self.table.width()];
             self.table
                 .gather_f32(&self.rows, &mut out)
-                .map(|()| out)
+                .map(|()| FetchedRows::Host(out))
                 .map_err(|e| e.to_string())
         }))
         .unwrap_or_else(|_| {
@@ -165,11 +181,15 @@ mod tests {
         let slot = Arc::new(FetchSlot::default());
         fetcher.submit(FetchJob {
             table: table.clone(),
+            device: None,
             rows: Arc::new(vec![0, 3]),
             slot: slot.clone(),
         });
         let (rows, _, _) = slot.wait();
-        assert_eq!(rows.unwrap(), vec![1.0; 4]);
+        match rows {
+            Ok(FetchedRows::Host(rows)) => assert_eq!(rows, vec![1.0; 4]),
+            _ => panic!("expected host rows"),
+        }
         let (thread, pool_threads) = table.seen.lock().unwrap().clone().unwrap();
         assert!(thread.starts_with("engram-prefetch-"), "ran on {thread:?}");
         // Not rayon's global pool: a gather splits over the fetcher's threads only.

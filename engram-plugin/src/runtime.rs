@@ -12,6 +12,7 @@ use engram_core::hashing::EngramHasher;
 use engram_core::sequence::{hash_step, SequenceState, StepTokens};
 use engram_core::table::TableStore;
 
+use crate::device::DeviceRows;
 use crate::error::{PluginError, Result};
 use crate::prefetch::{FetchJob, FetchSlot, Prefetcher};
 use crate::stats::LookupStats;
@@ -21,8 +22,29 @@ use crate::trace::{TraceWriter, TracedInput};
 /// One Engram layer as the runtime holds it.
 pub struct RuntimeLayer {
     pub layer_id: usize,
+    /// The table in host memory.
     pub table: Arc<dyn TableStore>,
     pub layer: Arc<dyn EngramLayer>,
+    /// Set when the layer runs on a GPU: the prefetch moves its rows to the device and
+    /// `apply` runs the layer there (`table` and `layer` then describe the same table and
+    /// math on the host).
+    pub device: Option<Arc<DeviceRows>>,
+}
+
+impl RuntimeLayer {
+    /// A layer whose rows are gathered into host memory for `layer`.
+    pub fn on_host(
+        layer_id: usize,
+        table: Arc<dyn TableStore>,
+        layer: Arc<dyn EngramLayer>,
+    ) -> Self {
+        Self {
+            layer_id,
+            table,
+            layer,
+            device: None,
+        }
+    }
 }
 
 /// Where a sequence's new tokens sit along the time axis of the host's `[B, T, ...]` tensor.
@@ -190,6 +212,15 @@ impl EngramRuntime {
         *self.totals.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The device stores' own counters (bytes moved, cache hit rate), by layer id; empty
+    /// unless the layers run on a GPU.
+    pub fn device_table_stats(&self) -> Vec<(usize, engram_cuda::TableStats)> {
+        self.layers
+            .iter()
+            .filter_map(|l| Some((l.layer_id, l.device.as_ref()?.table_stats())))
+            .collect()
+    }
+
     /// Frees the state of sequences the host has finished with.
     pub fn end_sequences(&self, seq_ids: &[u64]) {
         let mut table = self.lock_sequences();
@@ -239,6 +270,7 @@ impl EngramRuntime {
             .map(|(layer, r)| {
                 let job = FetchJob {
                     table: layer.table.clone(),
+                    device: layer.device.clone(),
                     rows: Arc::new(r.clone()),
                     slot: Arc::new(FetchSlot::default()),
                 };

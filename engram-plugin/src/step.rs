@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use engram_core::sequence::{layer_segments, SequenceState, StepRows};
 
 use crate::error::{PluginError, Result};
-use crate::prefetch::{FetchJob, FetchSlot};
+use crate::prefetch::{FetchJob, FetchSlot, FetchedRows};
 use crate::runtime::{EngramRuntime, Padding};
 use crate::stats::LookupStats;
 use crate::trace::TracedInput;
@@ -80,17 +80,29 @@ impl<'r> Step<'r> {
     pub fn apply_packed(&mut self, layer_id: usize, hidden: &[f32]) -> Result<Vec<f32>> {
         let cfg = self.runtime.config();
         let l = cfg.layer_index(layer_id)?;
-        let emb = self.take_rows(l, layer_id)?;
+        let fetched = self.take_rows(l, layer_id)?;
         let mut out = vec![0f32; hidden.len()];
         let mut refs: Vec<&mut SequenceState> = self.states.iter_mut().map(|(_, s)| s).collect();
         let mut segments = layer_segments(&mut refs, &self.rows.lens, l);
-        self.runtime.layers()[l].layer.forward(
-            hidden,
-            &emb,
-            self.rows.dead.as_deref(),
-            &mut segments,
-            &mut out,
-        )?;
+        let layer = &self.runtime.layers()[l];
+        let dead = self.rows.dead.as_deref();
+        match (fetched, &layer.device) {
+            (FetchedRows::Host(emb), _) => {
+                layer
+                    .layer
+                    .forward(hidden, &emb, dead, &mut segments, &mut out)?;
+            }
+            (FetchedRows::Device(ticket), Some(device)) => device
+                .apply(ticket, hidden, dead, &mut segments, &mut out)
+                .map_err(|e| {
+                    PluginError::Step(format!("Engram layer {layer_id} on the GPU: {e}"))
+                })?,
+            (FetchedRows::Device(_), None) => {
+                return Err(PluginError::Step(format!(
+                    "Engram layer {layer_id}: device rows for a layer on the host"
+                )))
+            }
+        }
         if cfg.variant.output_is_delta() {
             for (o, &h) in out.iter_mut().zip(hidden) {
                 // A zero delta leaves the value's bits alone (-0.0 + 0.0 would give +0.0),
@@ -161,7 +173,7 @@ impl<'r> Step<'r> {
         self.stats
     }
 
-    fn take_rows(&mut self, l: usize, layer_id: usize) -> Result<Vec<f32>> {
+    fn take_rows(&mut self, l: usize, layer_id: usize) -> Result<FetchedRows> {
         let (fetched, took, waited) =
             match std::mem::replace(&mut self.fetches[l], PendingFetch::Consumed) {
                 PendingFetch::Queued(slot) => slot.wait(),

@@ -151,7 +151,10 @@ fn cuda_without_a_device_is_a_clear_error() {
     }
     let options = OpenOptions {
         tokenizer: Some(tokenizer_path()),
-        backend: engram_plugin::BackendKind::Cuda { ordinal: 0 },
+        backend: engram_plugin::BackendKind::Cuda {
+            ordinal: 0,
+            tables: engram_plugin::CudaTables::default(),
+        },
         ..OpenOptions::default()
     };
     let e = EngramRuntime::open(data_path("forward_demo_small.safetensors"), options)

@@ -36,10 +36,12 @@ fn runtime_over(
         .iter()
         .zip(&fx.tables)
         .zip(&fx.weights)
-        .map(|((&layer_id, table), w)| RuntimeLayer {
-            layer_id,
-            table: wrap(table),
-            layer: Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
+        .map(|((&layer_id, table), w)| {
+            RuntimeLayer::on_host(
+                layer_id,
+                wrap(table),
+                Arc::new(ReferenceLayer::new(fx.cfg.clone(), layer_id, w.clone()).unwrap()),
+            )
         })
         .collect();
     // Raw ids are their own compressed ids here; the pad id (0) maps to 0.

@@ -1,4 +1,4 @@
-//! `cargo xtask test-gpu`: builds engram-cuda and runs every GPU check with
+//! `cargo xtask test-gpu`: builds engram-cuda and engram-plugin and runs every GPU check with
 //! `ENGRAM_REQUIRE_GPU=1` (a missing GPU fails instead of skipping), then the GPU
 //! benchmark. On a machine with no GPU it builds, says so, and fails: nothing was verified.
 //!
@@ -33,7 +33,8 @@ const PROFILE: &str = "profile.dev.package.engram-cuda.opt-level=3";
 
 /// The executables of one build.
 struct Built {
-    /// (name, path): the unit tests ("unit") and each file of tests/ by its stem.
+    /// (name, path): engram-cuda's unit tests ("unit") and each file of its tests/ by its
+    /// stem; engram-plugin's the same, prefixed "plugin-" (the runtime on the GPU).
     tests: Vec<(String, PathBuf)>,
     bench: PathBuf,
 }
@@ -105,14 +106,18 @@ pub fn run(args: TestGpuArgs) -> Result<()> {
     Ok(())
 }
 
-/// Builds engram-cuda's tests and binaries; returns their executables.
+/// Builds engram-cuda's and engram-plugin's tests and binaries; returns their executables.
 fn build() -> Result<Built> {
-    eprintln!("test-gpu: building engram-cuda (cudarc 0.19, CUDA loaded at run time)");
+    eprintln!(
+        "test-gpu: building engram-cuda and engram-plugin (cudarc 0.19, CUDA loaded at run time)"
+    );
     let out = Command::new(env!("CARGO"))
         .args([
             "build",
             "-p",
             "engram-cuda",
+            "-p",
+            "engram-plugin",
             "--tests",
             "--bins",
             "--config",
@@ -123,7 +128,7 @@ fn build() -> Result<Built> {
         .output()
         .context("running cargo build")?;
     if !out.status.success() {
-        bail!("building engram-cuda failed ({})", out.status);
+        bail!("building the GPU tests failed ({})", out.status);
     }
     let mut tests = Vec::new();
     let mut bench = None;
@@ -149,6 +154,11 @@ fn build() -> Result<Built> {
                 "unit".to_string()
             } else {
                 target
+            };
+            let name = if line.contains("/engram-plugin#") {
+                format!("plugin-{name}")
+            } else {
+                name
             };
             tests.push((name, exe));
         }

@@ -1,0 +1,54 @@
+//! `OpenOptions::from_env`: the backend a host engine's user picks through the
+//! environment. One test in its own process, since it sets environment variables.
+
+use engram_plugin::{BackendKind, CudaTables, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV};
+
+fn set(name: &str, value: Option<&str>) {
+    // This binary has one test, so no other thread reads the environment meanwhile.
+    match value {
+        Some(v) => std::env::set_var(name, v),
+        None => std::env::remove_var(name),
+    }
+}
+
+fn backend_for(backend: Option<&str>, tables: Option<&str>) -> Result<BackendKind, String> {
+    set(BACKEND_ENV, backend);
+    set(CUDA_TABLES_ENV, tables);
+    OpenOptions::from_env()
+        .map(|o| o.backend)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_environment_selects_the_backend() {
+    assert_eq!(backend_for(None, None), Ok(BackendKind::Cpu));
+    assert_eq!(backend_for(Some(""), None), Ok(BackendKind::Cpu));
+    assert_eq!(
+        backend_for(Some("reference"), None),
+        Ok(BackendKind::Reference)
+    );
+    assert_eq!(
+        backend_for(Some("cuda:1"), Some("cache:100000")),
+        Ok(BackendKind::Cuda {
+            ordinal: 1,
+            tables: CudaTables::Cached { rows: 100_000 }
+        })
+    );
+    assert_eq!(
+        backend_for(Some("cuda"), None),
+        Ok(BackendKind::Cuda {
+            ordinal: 0,
+            tables: CudaTables::PinnedHost
+        })
+    );
+    let e = backend_for(Some("gpu"), None).unwrap_err();
+    assert!(e.contains("ENGRAM_BACKEND=\"gpu\""), "{e}");
+    let e = backend_for(Some("cuda"), Some("cache:0")).unwrap_err();
+    assert!(e.contains("ENGRAM_CUDA_TABLES=\"cache:0\""), "{e}");
+    // Tables without CUDA would be silently ignored; they are refused instead.
+    let e = backend_for(None, Some("device")).unwrap_err();
+    assert!(
+        e.contains("ENGRAM_CUDA_TABLES") && e.contains("ENGRAM_BACKEND=cuda"),
+        "{e}"
+    );
+}
