@@ -20,6 +20,8 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::Serialize;
 
+pub use engram_core::testing::relative_error;
+
 use crate::TokenizerContext;
 
 /// Largest relative error ||out - ref|| / ||ref|| accepted for the paper variant.
@@ -232,24 +234,6 @@ fn load_layer(
             table: Box::new(load_dense_table(ck, &spec)?),
             layer: Box::new(ReferenceLayer::new(cfg.clone(), layer_id, weights)?),
         }),
-    }
-}
-
-/// ||a - b|| / ||b|| in f64 (0 when both are zero).
-pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    if den == 0.0 {
-        if num == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        (num / den).sqrt()
     }
 }
 
