@@ -13,6 +13,7 @@ use engram_core::config::{EngramConfig, Variant};
 use engram_core::hashing::{EngramHasher, NgramHasher};
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::TableStore;
+use engram_core::testing::GoldenSample;
 use engram_cpu::layer::CpuLayer;
 use engram_cpu::CpuTable;
 use half::bf16;
@@ -105,18 +106,12 @@ pub fn run_golden(
     let mut rows = Vec::new();
     let mut dumped: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for i in 0..samples {
-        let ids_shape = ck.shape_of(&format!("sample{i}.input_ids"))?;
-        let t = *ids_shape.last().unwrap_or(&0);
-        let input_ids = ck.i64_tensor(&format!("sample{i}.input_ids"), &[1, t])?;
-        let hidden = ck.f32_tensor(&format!("sample{i}.hidden_states"), &[1, t, g, d])?;
-        let dead: Option<Vec<bool>> = match cfg.variant {
-            Variant::Paper => None,
-            Variant::V41 => {
-                let name = format!("sample{i}.dead_mask");
-                let view = ck.expect(&name, &[Dtype::U8, Dtype::BOOL], &[1, t])?;
-                Some(view.data().iter().map(|&b| b != 0).collect())
-            }
-        };
+        let GoldenSample {
+            ids: input_ids,
+            hidden,
+            dead,
+        } = GoldenSample::read(&ck, &cfg, i)?;
+        let t = input_ids.len();
         let compressed = ctx.compression.compress(&input_ids)?;
         for (l, loaded) in layers.iter().enumerate() {
             let layer_id = hasher.layers()[l].layer_id;

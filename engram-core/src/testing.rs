@@ -1,12 +1,15 @@
-//! Seeded random configs, weights and tables for tests and benchmarks of any backend, and
-//! the relative error every backend is judged by.
+//! Seeded random configs, weights and tables for tests and benchmarks of any backend, the
+//! relative error every backend is judged by, and the inputs of a golden forward file.
 //!
 //! Values are drawn so that every code path is exercised with realistic magnitudes:
 //! V4.1 weights and table rows are exact dequantized FP8 values, like a real checkpoint.
 
-use crate::checkpoint::{LayerWeights, PaperWeights, V41Weights};
+use safetensors::Dtype;
+
+use crate::checkpoint::{Checkpoint, LayerWeights, PaperWeights, V41Weights};
 use crate::config::{EngramConfig, Variant};
 use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16};
+use crate::error::Result;
 
 /// ||a - b|| / ||b|| in f64 (0 when both are zero, infinite when only `b` is).
 pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
@@ -23,6 +26,53 @@ pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
         }
     } else {
         (num / den).sqrt()
+    }
+}
+
+/// The inputs of sample `i` of a golden forward file (tests/data/GOLDEN.md): its token
+/// ids, the hidden states fed to every Engram layer (`[1, t, hc_mult, hidden_size]`) and,
+/// for V4.1, the dead-token mask.
+#[derive(Clone, Debug)]
+pub struct GoldenSample {
+    pub ids: Vec<i64>,
+    pub hidden: Vec<f32>,
+    pub dead: Option<Vec<bool>>,
+}
+
+impl GoldenSample {
+    /// Reads sample `i` of `ck`, checking every tensor's dtype and shape against `cfg`.
+    pub fn read(ck: &Checkpoint, cfg: &EngramConfig, i: usize) -> Result<Self> {
+        let name = |what: &str| format!("sample{i}.{what}");
+        let t = ck
+            .shape_of(&name("input_ids"))?
+            .last()
+            .copied()
+            .unwrap_or(0);
+        let ids = ck.i64_tensor(&name("input_ids"), &[1, t])?;
+        let hidden_shape = [1, t, cfg.hc_mult, cfg.hidden_size];
+        let hidden = ck.f32_tensor(&name("hidden_states"), &hidden_shape)?;
+        let dead = match cfg.variant {
+            Variant::Paper => None,
+            Variant::V41 => {
+                let mask = ck.expect(&name("dead_mask"), &[Dtype::U8, Dtype::BOOL], &[1, t])?;
+                Some(mask.data().iter().map(|&b| b != 0).collect())
+            }
+        };
+        Ok(Self { ids, hidden, dead })
+    }
+
+    /// Tokens in the sample.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The ids as the tokenizer's `u32`s.
+    pub fn token_ids(&self) -> Vec<u32> {
+        self.ids.iter().map(|&i| i as u32).collect()
     }
 }
 

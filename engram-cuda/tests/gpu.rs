@@ -13,6 +13,7 @@ use engram_core::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype};
 use engram_core::primes::table_layouts;
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::{DenseTable, TableStore};
+use engram_core::testing::GoldenSample;
 use engram_cuda::testing::{golden_data_or_skip, gpu_or_skip};
 
 mod common;
@@ -551,43 +552,23 @@ fn golden_files_pass_on_the_gpu() {
             let weights = load_layer_weights(&ck, &cfg, layout.layer_id).unwrap();
             let layer = CudaLayer::new(be, cfg.clone(), layout.layer_id, &weights).unwrap();
             for i in 0..samples {
-                let t = *ck
-                    .shape_of(&format!("sample{i}.input_ids"))
-                    .unwrap()
-                    .last()
-                    .unwrap();
-                let hidden = ck
-                    .f32_tensor(&format!("sample{i}.hidden_states"), &[1, t, g, d])
-                    .unwrap();
+                let GoldenSample { ids, hidden, dead } = GoldenSample::read(&ck, &cfg, i).unwrap();
+                let t = ids.len();
                 let l = layout.layer_id;
-                let (rows, dead): (Vec<u64>, Option<Vec<bool>>) = match cfg.variant {
-                    Variant::Paper => {
-                        let hashes = ck
-                            .i64_tensor(&format!("sample{i}.layer{l}.hash_ids"), &[1, t, heads])
-                            .unwrap();
-                        let rows = hashes
-                            .iter()
-                            .zip(layout.offsets.iter().cycle())
-                            .map(|(&h, &o)| h as u64 + o)
-                            .collect();
-                        (rows, None)
-                    }
-                    Variant::V41 => {
-                        let rows = ck
-                            .i64_tensor(&format!("sample{i}.layer{l}.row_ids"), &[1, t, heads])
-                            .unwrap();
-                        let mask = ck
-                            .expect(
-                                &format!("sample{i}.dead_mask"),
-                                &[safetensors::Dtype::U8, safetensors::Dtype::BOOL],
-                                &[1, t],
-                            )
-                            .unwrap();
-                        (
-                            rows.iter().map(|&r| r as u64).collect(),
-                            Some(mask.data().iter().map(|&b| b != 0).collect()),
-                        )
-                    }
+                let rows: Vec<u64> = match cfg.variant {
+                    Variant::Paper => ck
+                        .i64_tensor(&format!("sample{i}.layer{l}.hash_ids"), &[1, t, heads])
+                        .unwrap()
+                        .iter()
+                        .zip(layout.offsets.iter().cycle())
+                        .map(|(&h, &o)| h as u64 + o)
+                        .collect(),
+                    Variant::V41 => ck
+                        .i64_tensor(&format!("sample{i}.layer{l}.row_ids"), &[1, t, heads])
+                        .unwrap()
+                        .iter()
+                        .map(|&r| r as u64)
+                        .collect(),
                 };
                 let hd = be.upload(&hidden).unwrap();
                 let mut out = be.alloc_zeros::<f32>(t * g * d).unwrap();

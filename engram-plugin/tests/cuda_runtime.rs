@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::{EngramConfig, Variant};
-use engram_core::testing::relative_error;
+use engram_core::testing::{relative_error, GoldenSample};
 use engram_cpu::table::TableMode;
 use engram_cuda::testing::{golden_data_dir, gpu_or_skip};
 use engram_plugin::{
@@ -50,29 +50,13 @@ fn samples(file: &str, cfg: &EngramConfig) -> Vec<Sample> {
     let path = data_dir().join(file);
     let bytes = std::fs::read(&path).unwrap();
     let ck = Checkpoint::parse(&path, &bytes).unwrap();
-    let (g, d) = (cfg.hc_mult, cfg.hidden_size);
     (0..2)
         .map(|s| {
-            let t = ck.shape_of(&format!("sample{s}.input_ids")).unwrap()[1];
+            let golden = GoldenSample::read(&ck, cfg, s).unwrap();
             Sample {
-                ids: ck
-                    .i64_tensor(&format!("sample{s}.input_ids"), &[1, t])
-                    .unwrap()
-                    .iter()
-                    .map(|&i| i as u32)
-                    .collect(),
-                hidden: ck
-                    .f32_tensor(&format!("sample{s}.hidden_states"), &[1, t, g, d])
-                    .unwrap(),
-                dead: (cfg.variant == Variant::V41).then(|| {
-                    ck.tensors()
-                        .tensor(&format!("sample{s}.dead_mask"))
-                        .unwrap()
-                        .data()
-                        .iter()
-                        .map(|&b| b != 0)
-                        .collect()
-                }),
+                ids: golden.token_ids(),
+                hidden: golden.hidden,
+                dead: golden.dead,
             }
         })
         .collect()

@@ -4,6 +4,7 @@
 use engram_cli::golden::relative_error;
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
+use engram_core::testing::GoldenSample;
 use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
 use engram_tests::{data_path, tokenizer_path};
 
@@ -21,25 +22,9 @@ fn golden_through_runtime(file: &str) {
     let cfg = rt.config().clone();
     let (g, d) = (cfg.hc_mult, cfg.hidden_size);
     for sample in 0..2 {
-        let t = ck.shape_of(&format!("sample{sample}.input_ids")).unwrap()[1];
-        let ids: Vec<u32> = ck
-            .i64_tensor(&format!("sample{sample}.input_ids"), &[1, t])
-            .unwrap()
-            .iter()
-            .map(|&i| i as u32)
-            .collect();
-        let hidden = ck
-            .f32_tensor(&format!("sample{sample}.hidden_states"), &[1, t, g, d])
-            .unwrap();
-        let dead: Option<Vec<bool>> = (cfg.variant == Variant::V41).then(|| {
-            ck.tensors()
-                .tensor(&format!("sample{sample}.dead_mask"))
-                .unwrap()
-                .data()
-                .iter()
-                .map(|&b| b != 0)
-                .collect()
-        });
+        let golden = GoldenSample::read(&ck, &cfg, sample).unwrap();
+        let (ids, hidden, dead) = (golden.token_ids(), &golden.hidden[..], &golden.dead);
+        let t = ids.len();
         // Prefill the first half, decode the rest token by token.
         let split = t / 2;
         let mut outputs: Vec<Vec<f32>> = vec![Vec::new(); cfg.hash.layer_ids.len()];
@@ -73,7 +58,7 @@ fn golden_through_runtime(file: &str) {
                 .unwrap();
             // Paper files store the delta; the runtime returns the residual after Engram.
             let expected: Vec<f32> = match cfg.variant {
-                Variant::Paper => expected.iter().zip(&hidden).map(|(o, h)| o + h).collect(),
+                Variant::Paper => expected.iter().zip(hidden).map(|(o, h)| o + h).collect(),
                 Variant::V41 => expected,
             };
             let got = &outputs[l];
