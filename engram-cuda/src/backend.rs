@@ -6,12 +6,12 @@ use cudarc::cublas::sys::{cublasMath_t, cublasOperation_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::{self, CUdevice_attribute};
 use cudarc::driver::{
-    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
 use serde::Serialize;
 
 use crate::error::{CudaBackendError, DriverResultExt, Result};
-use crate::kernels::Kernels;
+use crate::kernels::{In, Kernels, Out};
 use crate::probe;
 
 /// Threads per block of every 1-D kernel launch.
@@ -291,14 +291,7 @@ impl CudaBackend {
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe {
-            stream
-                .launch_builder(&self.kernels().spin)
-                .arg(&ns)
-                .launch(cfg)
-        }
-        .ctx("launching engram_spin")?;
-        Ok(())
+        unsafe { self.kernels().spin(stream, cfg, ns) }
     }
 
     /// Dequantizes FP8 E4M3 values with E8M0 scales (one per 32 columns) on the device:
@@ -328,16 +321,16 @@ impl CudaBackend {
         let (rows_i, width_i) = (rows as i64, width as i32);
         let cfg = self.launch_cfg(total.div_ceil(BLOCK as usize));
         unsafe {
-            self.stream()
-                .launch_builder(&self.kernels().dequant_f8)
-                .arg(values)
-                .arg(scales)
-                .arg(&mut out)
-                .arg(&rows_i)
-                .arg(&width_i)
-                .launch(cfg)
-        }
-        .ctx("launching engram_dequant_f8")?;
+            self.kernels().dequant_f8(
+                self.stream(),
+                cfg,
+                In::Buf(values),
+                In::Buf(scales),
+                Out::Buf(&mut out),
+                rows_i,
+                width_i,
+            )
+        }?;
         Ok(out)
     }
 
@@ -392,18 +385,17 @@ impl CudaBackend {
                     shared_mem_bytes: 0,
                 };
                 unsafe {
-                    self.stream()
-                        .launch_builder(&self.kernels().sgemm_nt)
-                        .arg(a)
-                        .arg(b)
-                        .arg(c)
-                        .arg(&mi)
-                        .arg(&ni)
-                        .arg(&ki)
-                        .launch(cfg)
+                    self.kernels().sgemm_nt(
+                        self.stream(),
+                        cfg,
+                        In::Buf(a),
+                        In::Buf(b),
+                        Out::Buf(c),
+                        mi,
+                        ni,
+                        ki,
+                    )
                 }
-                .ctx("launching engram_sgemm_nt")?;
-                Ok(())
             }
         }
     }

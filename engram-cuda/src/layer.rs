@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig};
 use engram_core::backend::{check_forward_args, EngramLayer, Segment, ShortConvState};
 use engram_core::checkpoint::LayerWeights;
 use engram_core::config::{
@@ -20,6 +20,7 @@ use engram_core::Result as CoreResult;
 
 use crate::backend::{CudaBackend, BLOCK};
 use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::kernels::{In, Out};
 use crate::table::{DeviceTableStore, Prefetch};
 
 /// One sequence's short-conv window for one layer, in device memory: the last
@@ -394,20 +395,23 @@ impl CudaLayer {
                     .map(|m| be.upload(&m.iter().map(|&b| b as u8).collect::<Vec<u8>>()))
                     .transpose()?;
                 let eps = cfg.rms_norm_eps as f32;
-                let null = 0u64;
-                let mut b = stream.launch_builder(&be.kernels().v41_gate);
-                b.arg(hidden).arg(&kv).arg(wqk);
-                match &dead_dev {
-                    Some(m) => b.arg(m),
-                    None => b.arg(&null),
-                };
-                b.arg(out)
-                    .arg(&t_i)
-                    .arg(&g_i)
-                    .arg(&d_i)
-                    .arg(&eps)
-                    .arg(&clamp);
-                unsafe { b.launch(self.cfg1d(tokens * g)) }.ctx("launching engram_v41_gate")?;
+                let dead_arg = dead_dev.as_ref().map_or(In::Addr(0), In::Buf);
+                unsafe {
+                    be.kernels().v41_gate(
+                        &stream,
+                        self.cfg1d(tokens * g),
+                        In::Buf(hidden),
+                        In::Buf(&kv),
+                        In::Buf(wqk),
+                        dead_arg,
+                        Out::Buf(out),
+                        t_i,
+                        g_i,
+                        d_i,
+                        eps,
+                        clamp,
+                    )
+                }?;
                 mark(&mut marks, "gate")?;
             }
             DeviceWeights::Paper {
@@ -424,25 +428,25 @@ impl CudaLayer {
                 let mut z = be.alloc_zeros::<f32>(tokens * c)?;
                 let (gate_eps, conv_eps) = (PAPER_GATE_NORM_EPS, PAPER_CONV_NORM_EPS);
                 unsafe {
-                    stream
-                        .launch_builder(&be.kernels().paper_gate)
-                        .arg(hidden)
-                        .arg(&kv)
-                        .arg(bias)
-                        .arg(norm1)
-                        .arg(norm2)
-                        .arg(conv_norm)
-                        .arg(&mut val)
-                        .arg(&mut z)
-                        .arg(&t_i)
-                        .arg(&g_i)
-                        .arg(&d_i)
-                        .arg(&gate_eps)
-                        .arg(&conv_eps)
-                        .arg(&clamp)
-                        .launch(self.cfg1d(tokens * g))
-                }
-                .ctx("launching engram_paper_gate")?;
+                    be.kernels().paper_gate(
+                        &stream,
+                        self.cfg1d(tokens * g),
+                        In::Buf(hidden),
+                        In::Buf(&kv),
+                        In::Buf(bias),
+                        In::Buf(norm1),
+                        In::Buf(norm2),
+                        In::Buf(conv_norm),
+                        Out::Buf(&mut val),
+                        Out::Buf(&mut z),
+                        t_i,
+                        g_i,
+                        d_i,
+                        gate_eps,
+                        conv_eps,
+                        clamp,
+                    )
+                }?;
                 mark(&mut marks, "gate")?;
                 self.short_conv(&stream, &val, &z, conv_w, segments, out, tokens, marks)?;
             }
@@ -508,53 +512,53 @@ impl CudaLayer {
             s_count as i32,
         );
         unsafe {
-            stream
-                .launch_builder(&be.kernels().short_conv)
-                .arg(val)
-                .arg(z)
-                .arg(conv_w)
-                .arg(&seg_of_d)
-                .arg(&pos_of_d)
-                .arg(&hist_d)
-                .arg(out)
-                .arg(&t_i)
-                .arg(&c_i)
-                .arg(&k_i)
-                .arg(&dil_i)
-                .arg(&h_i)
-                .launch(self.cfg1d(tokens))
-        }
-        .ctx("launching engram_short_conv")?;
+            be.kernels().short_conv(
+                stream,
+                self.cfg1d(tokens),
+                In::Buf(val),
+                In::Buf(z),
+                In::Buf(conv_w),
+                In::Buf(&seg_of_d),
+                In::Buf(&pos_of_d),
+                In::Buf(&hist_d),
+                Out::Buf(out),
+                t_i,
+                c_i,
+                k_i,
+                dil_i,
+                h_i,
+            )
+        }?;
         mark(&mut marks, "conv")?;
         if h > 0 && hist.iter().any(|&p| p != 0) {
             let seg_start_d = be.upload(&seg_start)?;
             let seg_len_d = be.upload(&seg_len)?;
             let mut scratch = be.alloc_zeros::<f32>(s_count * h * c)?;
             unsafe {
-                stream
-                    .launch_builder(&be.kernels().conv_window)
-                    .arg(z)
-                    .arg(&hist_d)
-                    .arg(&seg_start_d)
-                    .arg(&seg_len_d)
-                    .arg(&mut scratch)
-                    .arg(&s_i)
-                    .arg(&c_i)
-                    .arg(&h_i)
-                    .launch(self.cfg1d(s_count * h))
-            }
-            .ctx("launching engram_conv_window")?;
+                be.kernels().conv_window(
+                    stream,
+                    self.cfg1d(s_count * h),
+                    In::Buf(z),
+                    In::Buf(&hist_d),
+                    In::Buf(&seg_start_d),
+                    In::Buf(&seg_len_d),
+                    Out::Buf(&mut scratch),
+                    s_i,
+                    c_i,
+                    h_i,
+                )
+            }?;
             unsafe {
-                stream
-                    .launch_builder(&be.kernels().store_windows)
-                    .arg(&scratch)
-                    .arg(&hist_d)
-                    .arg(&s_i)
-                    .arg(&c_i)
-                    .arg(&h_i)
-                    .launch(self.cfg1d(s_count * h))
-            }
-            .ctx("launching engram_store_windows")?;
+                be.kernels().store_windows(
+                    stream,
+                    self.cfg1d(s_count * h),
+                    In::Buf(&scratch),
+                    In::Buf(&hist_d),
+                    s_i,
+                    c_i,
+                    h_i,
+                )
+            }?;
         }
         mark(&mut marks, "window")?;
         drop(guards);

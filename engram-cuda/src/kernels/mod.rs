@@ -3,14 +3,18 @@
 //! The sources live in `src/kernels/*.cu` (with the shared helpers of `common.cuh`) and
 //! are compiled as one program when a [`crate::CudaBackend`] is created: first for the
 //! device's own compute capability, then for `compute_90`, then with NVRTC's default
-//! architecture. A compile error is returned with NVRTC's log.
+//! architecture. A compile error is returned with NVRTC's log. `launch` declares what
+//! each kernel takes and is the only way to launch one (typed, checked against these
+//! sources by a test).
 
-use std::sync::Arc;
+mod launch;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
-use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::error::{CudaBackendError, Result};
+
+pub use launch::{declared_signatures, KERNEL_NAMES};
+pub(crate) use launch::{In, Kernels, Out};
 
 /// Shared helpers, prepended to every program.
 pub const COMMON: &str = include_str!("common.cuh");
@@ -23,41 +27,9 @@ pub const CONV: &str = include_str!("conv.cu");
 /// The fallback GEMM and the benchmark's busy kernel.
 pub const UTIL: &str = include_str!("util.cu");
 
-/// Every kernel the crate launches, by name.
-pub const KERNEL_NAMES: [&str; 10] = [
-    "engram_gather_rows",
-    "engram_cache_insert",
-    "engram_dequant_f8",
-    "engram_paper_gate",
-    "engram_v41_gate",
-    "engram_short_conv",
-    "engram_conv_window",
-    "engram_store_windows",
-    "engram_sgemm_nt",
-    "engram_spin",
-];
-
 /// The whole program NVRTC compiles.
 pub fn program_source() -> String {
     [COMMON, GATHER, GATE, CONV, UTIL].join("\n")
-}
-
-/// The loaded module and its functions.
-#[derive(Debug)]
-pub(crate) struct Kernels {
-    _module: Arc<CudaModule>,
-    pub gather_rows: CudaFunction,
-    pub cache_insert: CudaFunction,
-    pub dequant_f8: CudaFunction,
-    pub paper_gate: CudaFunction,
-    pub v41_gate: CudaFunction,
-    pub short_conv: CudaFunction,
-    pub conv_window: CudaFunction,
-    pub store_windows: CudaFunction,
-    pub sgemm_nt: CudaFunction,
-    pub spin: CudaFunction,
-    /// The `--gpu-architecture` the program was compiled for ("" = NVRTC's default).
-    pub arch: String,
 }
 
 /// NVRTC's version, `(major, minor)`.
@@ -145,44 +117,6 @@ fn nvrtc_error(program: &str, e: CompileError) -> CudaBackendError {
             status: format!("{other:?}"),
             log: String::new(),
         },
-    }
-}
-
-impl Kernels {
-    /// Compiles and loads the crate's program on `ctx`.
-    pub(crate) fn load(ctx: &Arc<CudaContext>, cc: Option<(i32, i32)>) -> Result<Self> {
-        let (ptx, arch) = compile("engram", &program_source(), cc)?;
-        let module = ctx.load_module(ptx).map_err(|e| {
-            let nvrtc = nvrtc_version()
-                .map(|(a, b)| format!("{a}.{b}"))
-                .unwrap_or_else(|| "?".into());
-            CudaBackendError::Driver {
-                op: format!(
-                    "loading the NVRTC {nvrtc} output (architecture `{arch}`) into the driver \
-                     (a driver older than NVRTC cannot load its PTX)"
-                ),
-                message: format!("{e:?}"),
-            }
-        })?;
-        let f = |name: &str| {
-            module
-                .load_function(name)
-                .ctx(&format!("loading kernel `{name}`"))
-        };
-        Ok(Self {
-            gather_rows: f("engram_gather_rows")?,
-            cache_insert: f("engram_cache_insert")?,
-            dequant_f8: f("engram_dequant_f8")?,
-            paper_gate: f("engram_paper_gate")?,
-            v41_gate: f("engram_v41_gate")?,
-            short_conv: f("engram_short_conv")?,
-            conv_window: f("engram_conv_window")?,
-            store_windows: f("engram_store_windows")?,
-            sgemm_nt: f("engram_sgemm_nt")?,
-            spin: f("engram_spin")?,
-            _module: module,
-            arch,
-        })
     }
 }
 

@@ -16,7 +16,7 @@ use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig};
 use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 
@@ -27,8 +27,9 @@ use super::{
     Prefetch, TableStats,
 };
 use crate::backend::{CudaBackend, BLOCK};
-use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::error::{CudaBackendError, Result};
 use crate::host_table::HostTable;
+use crate::kernels::{In, Out};
 
 const EMPTY: u64 = u64::MAX;
 
@@ -223,22 +224,22 @@ fn launch_inserts(
         shared_mem_bytes: 0,
     };
     let r = unsafe {
-        stream
-            .launch_builder(&backend.kernels().cache_insert)
-            .arg(&cv)
-            .arg(&cs)
-            .arg(&staged_values)
-            .arg(&staged_scales)
-            .arg(&pairs)
-            .arg(&m)
-            .arg(&rb)
-            .arg(&sb)
-            .launch(cfg)
-    }
-    .ctx("launching engram_cache_insert");
+        backend.kernels().cache_insert(
+            stream,
+            cfg,
+            Out::Addr(cv),
+            Out::Addr(cs),
+            In::Addr(staged_values),
+            In::Addr(staged_scales),
+            In::Addr(pairs),
+            m,
+            rb,
+            sb,
+        )
+    };
     drop(g1);
     drop(scales);
-    r.map(|_| ())
+    r
 }
 
 impl DeviceTableStore for CachedTable {

@@ -24,7 +24,7 @@ mod zero_copy;
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig};
 use engram_core::dtype::RowDtype;
 use serde::Serialize;
 
@@ -34,7 +34,8 @@ pub use pinned::PinnedTable;
 pub use zero_copy::ZeroCopyTable;
 
 use crate::backend::{CudaBackend, BLOCK};
-use crate::error::{CudaBackendError, DriverResultExt, Result};
+use crate::error::{CudaBackendError, Result};
+use crate::kernels::{In, Out};
 
 /// Where a store keeps its rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -199,23 +200,22 @@ pub(crate) fn launch_gather(
         shared_mem_bytes: 0,
     };
     unsafe {
-        stream
-            .launch_builder(&backend.kernels().gather_rows)
-            .arg(&srcs.a_values)
-            .arg(&srcs.a_scales)
-            .arg(&srcs.b_values)
-            .arg(&srcs.b_scales)
-            .arg(&srcs.src)
-            .arg(out)
-            .arg(&n_i)
-            .arg(&width_i)
-            .arg(&code)
-            .arg(&rb)
-            .arg(&sb)
-            .launch(cfg)
+        backend.kernels().gather_rows(
+            stream,
+            cfg,
+            In::Addr(srcs.a_values),
+            In::Addr(srcs.a_scales),
+            In::Addr(srcs.b_values),
+            In::Addr(srcs.b_scales),
+            In::Addr(srcs.src),
+            Out::Buf(out),
+            n_i,
+            width_i,
+            code,
+            rb,
+            sb,
+        )
     }
-    .ctx("launching engram_gather_rows")?;
-    Ok(())
 }
 
 /// Checks that a ticket belongs to `store`.
