@@ -5,9 +5,13 @@ mod demo;
 mod e2e;
 mod mistralrs;
 mod model;
+mod nvrtc;
+mod progress;
+mod pypi;
 mod test_gpu;
 mod tiny_models;
 
+use std::ffi::OsString;
 use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Result};
@@ -30,13 +34,17 @@ enum Task {
         #[arg(long)]
         force: bool,
     },
-    /// The tests, as README.md gives them and CI runs them: the workspace's tests, then
-    /// the mistral.rs end-to-end checks (`mistralrs-test`: builds the patched host, fetches
-    /// the model and writes small checkpoints on first use).
+    /// The tests, as README.md gives them and CI runs them: the workspace's tests (with
+    /// NVRTC fetched from PyPI on first use, so the CUDA kernels are compiled for real),
+    /// then the mistral.rs end-to-end checks (`mistralrs-test`: builds the patched host,
+    /// fetches the model and writes small checkpoints on first use).
     Test {
         /// Only the workspace's tests (`cargo test --workspace`).
         #[arg(long)]
         workspace_only: bool,
+        /// Do not fetch NVRTC: the kernels' NVRTC compile check skips.
+        #[arg(long)]
+        no_nvrtc: bool,
         #[command(flatten)]
         e2e: e2e::TestArgs,
     },
@@ -77,9 +85,15 @@ fn run(cli: Cli) -> Result<()> {
         Task::FetchModel { force } => model::fetch_model(force).map(|_| ()),
         Task::Test {
             workspace_only,
+            no_nvrtc,
             e2e,
         } => {
-            cargo(&["test", "--workspace"])?;
+            let env = if no_nvrtc {
+                Vec::new()
+            } else {
+                nvrtc::test_env()?
+            };
+            cargo_with_env(&["test", "--workspace"], &env)?;
             if workspace_only {
                 return Ok(());
             }
@@ -95,7 +109,7 @@ fn run(cli: Cli) -> Result<()> {
                 "-D",
                 "warnings",
             ])?;
-            cargo(&["test", "--workspace"])?;
+            cargo_with_env(&["test", "--workspace"], &nvrtc::test_env()?)?;
             e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
         Task::Bench => bench::run(),
@@ -109,7 +123,15 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Runs cargo with `args` in the workspace root, failing on a non-zero exit.
 fn cargo(args: &[&str]) -> Result<()> {
-    let status = Command::new(env!("CARGO")).args(args).status()?;
+    cargo_with_env(args, &[])
+}
+
+/// [`cargo`] with extra environment variables.
+fn cargo_with_env(args: &[&str], env: &[(&str, OsString)]) -> Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .status()?;
     if !status.success() {
         bail!("cargo {} failed ({status})", args.join(" "));
     }

