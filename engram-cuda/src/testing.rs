@@ -1,4 +1,5 @@
-//! Helpers for tests that need a GPU: skip where none is usable, fail when told to.
+//! Helpers for tests that need a GPU (or only NVRTC): skip where none is usable, fail
+//! when told to.
 //!
 //! `ENGRAM_REQUIRE_GPU=1` (what `cargo xtask test-gpu` sets) turns "skipped: no GPU"
 //! into a test failure, so a GPU run cannot pass by verifying nothing.
@@ -14,6 +15,25 @@ pub const REQUIRE_GPU_ENV: &str = "ENGRAM_REQUIRE_GPU";
 /// Whether `ENGRAM_REQUIRE_GPU` asks for a GPU (set, and not "0" or empty).
 pub fn require_gpu() -> bool {
     std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// The environment variable that makes tests needing only NVRTC (no GPU) fail instead of
+/// skipping; `cargo xtask test` sets it once it has fetched NVRTC.
+pub const REQUIRE_NVRTC_ENV: &str = "ENGRAM_REQUIRE_NVRTC";
+
+/// Whether NVRTC can be loaded for test `test`. Prints "skipped: ..." when it cannot, and
+/// panics (fails the test) instead when `ENGRAM_REQUIRE_NVRTC` is set (not "0" or empty).
+pub fn nvrtc_or_skip(test: &str) -> bool {
+    if crate::probe::libraries().nvrtc {
+        return true;
+    }
+    let required = std::env::var(REQUIRE_NVRTC_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+    assert!(
+        !required,
+        "{test}: {REQUIRE_NVRTC_ENV} is set but NVRTC (libnvrtc) was not found"
+    );
+    println!("skipped: {test}: NVRTC not found (libnvrtc)");
+    false
 }
 
 /// What a GPU test does when no GPU is usable.

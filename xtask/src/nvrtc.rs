@@ -28,7 +28,8 @@ const LIBRARIES: [(&str, &str); 2] = [
         "91dcd944d01da9c0f08fff5d779db136a47f6d62bdb63bae900d2f481e92c3a2",
     ),
 ];
-/// Set to 1, a missing NVRTC fails the tests (and this fetch) instead of skipping.
+/// Set (not "0" or empty), a missing NVRTC fails the tests (and this fetch) instead of
+/// skipping; `engram_cuda::testing::REQUIRE_NVRTC_ENV` on the tests' side.
 pub const REQUIRE_VAR: &str = "ENGRAM_REQUIRE_NVRTC";
 
 /// The directory holding the checked NVRTC libraries in the cache, fetched on first use.
@@ -59,9 +60,9 @@ pub fn ensure() -> Result<PathBuf> {
 
 /// The environment that lets the workspace's tests load NVRTC: its directory first on
 /// `LD_LIBRARY_PATH`, and [`REQUIRE_VAR`]`=1` so that the compile check cannot skip. When
-/// NVRTC cannot be had, a warning and no change, unless [`REQUIRE_VAR`] is already 1.
+/// NVRTC cannot be had, a warning and no change, unless [`REQUIRE_VAR`] is already set.
 pub fn test_env() -> Result<Vec<(&'static str, OsString)>> {
-    let required = std::env::var(REQUIRE_VAR).is_ok_and(|v| v == "1");
+    let required = std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0");
     match ensure() {
         Ok(lib) => {
             let mut paths = vec![lib];
@@ -75,7 +76,7 @@ pub fn test_env() -> Result<Vec<(&'static str, OsString)>> {
             ])
         }
         Err(e) if required => Err(e.context(format!(
-            "{REQUIRE_VAR}=1, but NVRTC for the kernels' compile check could not be fetched"
+            "{REQUIRE_VAR} is set, but NVRTC for the kernels' compile check could not be fetched"
         ))),
         Err(e) => {
             eprintln!(

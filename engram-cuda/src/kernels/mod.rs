@@ -8,6 +8,7 @@
 //! sources by a test).
 
 mod launch;
+mod resources;
 
 use cudarc::nvrtc::{CompileError, CompileOptions, Ptx};
 
@@ -15,6 +16,7 @@ use crate::error::{CudaBackendError, Result};
 
 pub use launch::{declared_signatures, KERNEL_NAMES};
 pub(crate) use launch::{In, Kernels, Out};
+pub use resources::{machine_code_resources, KernelResources};
 
 /// Shared helpers, prepended to every program.
 pub const COMMON: &str = include_str!("common.cuh");
@@ -171,13 +173,7 @@ mod tests {
     /// and sets `ENGRAM_REQUIRE_NVRTC=1`, under which a missing NVRTC fails.
     #[test]
     fn program_compiles_with_nvrtc_where_present() {
-        if !crate::probe::libraries().nvrtc {
-            let required = std::env::var("ENGRAM_REQUIRE_NVRTC").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "ENGRAM_REQUIRE_NVRTC=1 but NVRTC (libnvrtc) was not found"
-            );
-            println!("skipped: NVRTC not found (libnvrtc)");
+        if !crate::testing::nvrtc_or_skip("program_compiles_with_nvrtc_where_present") {
             return;
         }
         match compile("engram", &program_source(), Some((9, 0))) {
