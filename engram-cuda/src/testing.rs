@@ -14,7 +14,12 @@ pub const REQUIRE_GPU_ENV: &str = "ENGRAM_REQUIRE_GPU";
 
 /// Whether `ENGRAM_REQUIRE_GPU` asks for a GPU (set, and not "0" or empty).
 pub fn require_gpu() -> bool {
-    std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| !v.is_empty() && v != "0")
+    env_flag(REQUIRE_GPU_ENV)
+}
+
+/// Whether the variable `name` is set, and not "0" or empty.
+fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// The environment variable that makes tests needing only NVRTC (no GPU) fail instead of
@@ -27,9 +32,8 @@ pub fn nvrtc_or_skip(test: &str) -> bool {
     if crate::probe::libraries().nvrtc {
         return true;
     }
-    let required = std::env::var(REQUIRE_NVRTC_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     assert!(
-        !required,
+        !env_flag(REQUIRE_NVRTC_ENV),
         "{test}: {REQUIRE_NVRTC_ENV} is set but NVRTC (libnvrtc) was not found"
     );
     println!("skipped: {test}: NVRTC not found (libnvrtc)");
