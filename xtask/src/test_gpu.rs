@@ -85,7 +85,11 @@ pub fn run(args: TestGpuArgs) -> Result<()> {
         let mut cmd = Command::new(&built.bench);
         cmd.arg("--json")
             .arg(&json)
-            .env("LD_LIBRARY_PATH", &lib_path);
+            .env("LD_LIBRARY_PATH", &lib_path)
+            .env(
+                "ENGRAM_COMMIT",
+                git_commit().unwrap_or_else(|| "unknown".into()),
+            );
         if args.quick {
             cmd.arg("--quick");
         }
@@ -252,6 +256,11 @@ fn bundle(built: &Built, dir: &Path) -> Result<()> {
         copy(name, exe)?;
     }
     copy("gpu-bench", &built.bench)?;
+    // The commit the binaries were built from, for the benchmark's JSON ("-dirty" with
+    // uncommitted changes).
+    let commit = git_commit().unwrap_or_else(|| "unknown".into());
+    std::fs::write(dir.join("COMMIT"), format!("{commit}\n"))
+        .with_context(|| format!("writing {}/COMMIT", dir.display()))?;
     let tests: Vec<&str> = built.tests.iter().map(|(n, _)| n.as_str()).collect();
     let script = RUN_SH.replace("@TESTS@", &tests.join(" "));
     let run = dir.join("run.sh");
@@ -272,10 +281,27 @@ fn bundle(built: &Built, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `git describe`-like: the HEAD commit, with "-dirty" when the tree has changes.
+fn git_commit() -> Option<String> {
+    let out = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = out(&["rev-parse", "HEAD"])?;
+    let dirty =
+        out(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
+}
+
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # engram-cuda GPU checks without cargo: the test binaries and the benchmark built by
 # `cargo xtask test-gpu --bundle DIR`. Run from the repository root (for tests/data).
-# Extra arguments go to gpu-bench (e.g. --quick). Each binary gets at most 300 s.
+# Extra arguments go to gpu-bench (e.g. --quick). Each test binary gets at most
+# ENGRAM_TEST_TIMEOUT seconds (default 150), the benchmark ENGRAM_BENCH_TIMEOUT (300).
 # Exit status: 0 all passed, 1 a check failed, 2 no GPU.
 set -u
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -296,6 +322,9 @@ for f in $(find /usr/local /opt /usr/lib -maxdepth 10 \( -name 'libnvrtc.so*' -o
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
 export ENGRAM_REQUIRE_GPU=1
+export ENGRAM_COMMIT="$(cat "$here/COMMIT" 2>/dev/null || echo unknown)"
+echo "run.sh: binaries built from commit $ENGRAM_COMMIT" >&2
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 || true
 if ! "$here/gpu-bench" --probe; then
   echo "run.sh: NO GPU: nothing was verified" >&2
   exit 2
@@ -303,10 +332,14 @@ fi
 failed=""
 for t in @TESTS@; do
   echo "run.sh: running $t with ENGRAM_REQUIRE_GPU=1" >&2
-  timeout 300 "$here/$t" --test-threads=1 || failed="$failed $t"
+  start=$SECONDS
+  timeout "${ENGRAM_TEST_TIMEOUT:-150}" "$here/$t" --test-threads=1 || failed="$failed $t"
+  echo "run.sh: $t took $((SECONDS - start)) s" >&2
 done
 json="${OUT:-$here}/gpu-bench.json"
-timeout 300 "$here/gpu-bench" --json "$json" "$@" || failed="$failed gpu-bench"
+start=$SECONDS
+timeout "${ENGRAM_BENCH_TIMEOUT:-300}" "$here/gpu-bench" --json "$json" "$@" || failed="$failed gpu-bench"
+echo "run.sh: gpu-bench took $((SECONDS - start)) s" >&2
 if [ -n "$failed" ]; then
   echo "run.sh: FAILED:$failed" >&2
   exit 1
