@@ -16,6 +16,8 @@ use crate::probe;
 
 /// Threads per block of every 1-D kernel launch.
 pub(crate) const BLOCK: u32 = 256;
+/// Warps in a block of [`BLOCK`] threads (kernels that give each work item one warp).
+pub(crate) const WARPS_PER_BLOCK: usize = BLOCK as usize / 32;
 
 /// Which engine computes the projections.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -12,6 +12,32 @@ typedef unsigned int u32;
 typedef long long i64;
 typedef unsigned long long u64;
 
+// Vectors for 8- and 16-byte accesses (NVRTC emits one wide load or store for each when
+// the address is aligned; callers check).
+struct alignas(16) f32x4 { float x, y, z, w; };
+struct alignas(16) u32x4 { u32 x, y, z, w; };
+struct alignas(8) u32x2 { u32 x, y; };
+
+template <class V>
+__device__ __forceinline__ V load_vec(const u8* p) {
+#ifdef ENGRAM_EMULATION
+    V v;
+    memcpy(&v, p, sizeof v);
+    return v;
+#else
+    return *reinterpret_cast<const V*>(p);
+#endif
+}
+
+template <class V>
+__device__ __forceinline__ void store_vec(u8* p, const V& v) {
+#ifdef ENGRAM_EMULATION
+    memcpy(p, &v, sizeof v);
+#else
+    *reinterpret_cast<V*>(p) = v;
+#endif
+}
+
 // Row storage formats (engram_core::dtype::RowDtype).
 #define DT_F32 0
 #define DT_BF16 1

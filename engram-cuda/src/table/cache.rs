@@ -20,13 +20,14 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig};
 use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 
-use super::pinned::{row_regions, stage_rows, FxHasher, FxMap};
+use super::dedupe::{FxHasher, FxMap};
+use super::pinned::{row_regions, stage_rows};
 use super::staging::{write_i64s, Layout, Ring};
 use super::{
     check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
     Prefetch, TableStats,
 };
-use crate::backend::{CudaBackend, BLOCK};
+use crate::backend::{CudaBackend, BLOCK, WARPS_PER_BLOCK};
 use crate::error::{CudaBackendError, Result};
 use crate::host_table::HostTable;
 use crate::kernels::{In, Out};
@@ -219,7 +220,7 @@ fn launch_inserts(
     };
     let pairs = base + layout.pairs_at as u64;
     let cfg = LaunchConfig {
-        grid_dim: (backend.grid(layout.pairs), 1, 1),
+        grid_dim: (backend.grid(layout.pairs.div_ceil(WARPS_PER_BLOCK)), 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -271,16 +272,17 @@ impl DeviceTableStore for CachedTable {
         let plan = self.planner.plan_with(row_ids, &mut self.map);
         let layout = Layout::new(row_ids.len(), plan.misses.len(), rb, sb, plan.inserts.len());
         let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
-        write_i64s(buf, layout.sources_at, plan.sources.iter().copied());
-        write_i64s(
-            buf,
-            layout.pairs_at,
-            plan.inserts
-                .iter()
-                .flat_map(|&(s, j)| [s as i64, j as i64])
-                .collect::<Vec<_>>()
-                .into_iter(),
-        );
+        write_i64s(buf, layout.sources_at, plan.sources.len(), |k| {
+            plan.sources[k]
+        });
+        write_i64s(buf, layout.pairs_at, 2 * plan.inserts.len(), |k| {
+            let (slot, j) = plan.inserts[k / 2];
+            if k % 2 == 0 {
+                slot as i64
+            } else {
+                j as i64
+            }
+        });
         let (values, scales) = row_regions(buf, &layout, rb, sb);
         stage_rows(&self.host, &plan.misses, values, scales);
         self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
@@ -366,7 +368,7 @@ impl DeviceTableStore for CachedTable {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pinned::dedupe;
+    use super::super::dedupe::dedupe_serial;
     use super::*;
 
     #[test]
@@ -418,7 +420,7 @@ mod tests {
     fn dedupe_helper_matches_planner_misses() {
         let mut map = FxMap::default();
         let ids = [3u64, 9, 3, 4];
-        let (u, _) = dedupe(&ids, &mut map);
+        let (u, _) = dedupe_serial(&ids, &mut map);
         let plan = CachePlanner::new(64).plan(&ids);
         assert_eq!(u, plan.misses);
     }

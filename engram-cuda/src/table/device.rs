@@ -87,7 +87,7 @@ impl DeviceTableStore for DeviceTable {
         self.check_ids(row_ids)?;
         let layout = Layout::new(row_ids.len(), 0, 0, 0, 0);
         let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
-        write_i64s(buf, layout.sources_at, row_ids.iter().map(|&r| r as i64));
+        write_i64s(buf, layout.sources_at, row_ids.len(), |k| row_ids[k] as i64);
         let ticket = self.ring.submit(slot)?;
         self.stats.prefetches += 1;
         self.stats.bytes_transferred += layout.len as u64;

@@ -17,6 +17,7 @@
 //! its ticket stale (refused with an error, never silently wrong).
 
 mod cache;
+mod dedupe;
 mod device;
 mod pinned;
 mod staging;
@@ -33,7 +34,7 @@ pub use device::DeviceTable;
 pub use pinned::PinnedTable;
 pub use zero_copy::ZeroCopyTable;
 
-use crate::backend::{CudaBackend, BLOCK};
+use crate::backend::{CudaBackend, BLOCK, WARPS_PER_BLOCK};
 use crate::error::{CudaBackendError, Result};
 use crate::kernels::{In, Out};
 
@@ -195,7 +196,8 @@ pub(crate) fn launch_gather(
     let rb = crate::host_table::value_row_bytes(dtype, width) as i64;
     let sb = crate::host_table::scale_row_bytes(dtype, width) as i64;
     let cfg = LaunchConfig {
-        grid_dim: (backend.grid(n), 1, 1),
+        // One warp per row.
+        grid_dim: (backend.grid(n.div_ceil(WARPS_PER_BLOCK)), 1, 1),
         block_dim: (BLOCK, 1, 1),
         shared_mem_bytes: 0,
     };

@@ -1,8 +1,6 @@
 //! [`PinnedTable`]: the table in host memory; each prefetch gathers the requested rows on
 //! the CPU into pinned staging memory and copies them asynchronously on the copy stream.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,6 +9,7 @@ use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 use rayon::prelude::*;
 
+use super::dedupe::Deduper;
 use super::staging::{write_i64s, Layout, Ring};
 use super::{
     check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
@@ -20,69 +19,35 @@ use crate::backend::CudaBackend;
 use crate::error::Result;
 use crate::host_table::HostTable;
 
-/// A fast hasher for row ids (a multiply-rotate in the style of rustc's FxHash).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct FxHasher(u64);
-
-impl FxHasher {
-    #[inline]
-    fn add(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-}
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.add(b as u64);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.add(v);
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-pub(crate) type FxMap = HashMap<u64, u32, BuildHasherDefault<FxHasher>>;
-
-/// The distinct ids of `ids` in first-seen order, and for each id its index among them.
-pub(crate) fn dedupe(ids: &[u64], map: &mut FxMap) -> (Vec<u64>, Vec<u32>) {
-    map.clear();
-    let mut unique = Vec::new();
-    let index = ids
-        .iter()
-        .map(|&id| {
-            *map.entry(id).or_insert_with(|| {
-                unique.push(id);
-                (unique.len() - 1) as u32
-            })
-        })
-        .collect();
-    (unique, index)
-}
-
 /// Rows below which the host gather stays on the calling thread.
 const PARALLEL_ROWS: usize = 2048;
 
 /// Copies the stored bytes of `rows` into `values` (`[rows, value_row_bytes]`) and
-/// `scales` (`[rows, scale_row_bytes]`).
+/// `scales` (`[rows, scale_row_bytes]`), from every thread for a large batch (random
+/// reads of host memory: many in flight is what makes them fast).
 pub(crate) fn stage_rows(host: &HostTable, rows: &[u64], values: &mut [u8], scales: &mut [u8]) {
     let (rb, sb) = (host.value_row_bytes(), host.scale_row_bytes());
     if rows.len() >= PARALLEL_ROWS {
         values
             .par_chunks_mut(rb)
+            .with_min_len(64)
             .zip(rows.par_iter())
             .for_each(|(d, &r)| d.copy_from_slice(host.row_values(r)));
+        if sb > 0 {
+            scales
+                .par_chunks_mut(sb)
+                .with_min_len(256)
+                .zip(rows.par_iter())
+                .for_each(|(d, &r)| d.copy_from_slice(host.row_scales(r)));
+        }
     } else {
         for (d, &r) in values.chunks_exact_mut(rb).zip(rows) {
             d.copy_from_slice(host.row_values(r));
         }
-    }
-    if sb > 0 {
-        for (d, &r) in scales.chunks_exact_mut(sb).zip(rows) {
-            d.copy_from_slice(host.row_scales(r));
+        if sb > 0 {
+            for (d, &r) in scales.chunks_exact_mut(sb).zip(rows) {
+                d.copy_from_slice(host.row_scales(r));
+            }
         }
     }
 }
@@ -108,7 +73,7 @@ pub struct PinnedTable {
     host: HostTable,
     ring: Ring,
     stats: TableStats,
-    map: FxMap,
+    dedupe: Deduper,
 }
 
 impl PinnedTable {
@@ -118,7 +83,7 @@ impl PinnedTable {
             ring: Ring::new(backend, next_store_id())?,
             host,
             stats: TableStats::default(),
-            map: FxMap::default(),
+            dedupe: Deduper::default(),
         })
     }
 
@@ -148,14 +113,12 @@ impl DeviceTableStore for PinnedTable {
         self.host.check_ids(row_ids)?;
         let t0 = Instant::now();
         let (rb, sb) = (self.host.value_row_bytes(), self.host.scale_row_bytes());
-        let (unique, index) = dedupe(row_ids, &mut self.map);
+        let (unique, index) = self.dedupe.dedupe(row_ids);
         let layout = Layout::new(row_ids.len(), unique.len(), rb, sb, 0);
         let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
-        write_i64s(
-            buf,
-            layout.sources_at,
-            index.iter().map(|&j| -(j as i64) - 1),
-        );
+        write_i64s(buf, layout.sources_at, index.len(), |k| {
+            -(index[k] as i64) - 1
+        });
         let (values, scales) = row_regions(buf, &layout, rb, sb);
         stage_rows(&self.host, &unique, values, scales);
         self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
@@ -206,16 +169,6 @@ impl DeviceTableStore for PinnedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dedupe_keeps_first_seen_order() {
-        let mut map = FxMap::default();
-        let (u, idx) = dedupe(&[7, 3, 7, 9, 3, 3], &mut map);
-        assert_eq!(u, [7, 3, 9]);
-        assert_eq!(idx, [0, 1, 0, 2, 1, 1]);
-        let (u, idx) = dedupe(&[], &mut map);
-        assert!(u.is_empty() && idx.is_empty());
-    }
 
     #[test]
     fn staged_rows_are_the_stored_bytes() {

@@ -16,6 +16,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, PinnedHostSlice};
 
+use rayon::prelude::*;
+
 use super::Prefetch;
 use crate::backend::CudaBackend;
 use crate::error::{CudaBackendError, DriverResultExt, Result};
@@ -269,10 +271,23 @@ impl Drop for Ring {
     }
 }
 
-/// Writes `values` as little-endian i64 into the region at `at`.
-pub(crate) fn write_i64s(buf: &mut [u8], at: usize, values: impl ExactSizeIterator<Item = i64>) {
-    let n = values.len();
-    put_i64s(&mut buf[at..at + 8 * n], values);
+/// Values from which [`write_i64s`] writes from every thread.
+const PARALLEL_VALUES: usize = 4096;
+
+/// Writes `value(0..n)` as little-endian i64 into the region at `at` (a large batch from
+/// every thread: the staging memory is write-combined, so each thread's run of stores
+/// leaves as whole lines).
+pub(crate) fn write_i64s(buf: &mut [u8], at: usize, n: usize, value: impl Fn(usize) -> i64 + Sync) {
+    let region = &mut buf[at..at + 8 * n];
+    if n >= PARALLEL_VALUES {
+        region
+            .par_chunks_mut(8)
+            .with_min_len(1024)
+            .enumerate()
+            .for_each(|(k, d)| d.copy_from_slice(&value(k).to_le_bytes()));
+    } else {
+        put_i64s(region, (0..n).map(value));
+    }
 }
 
 #[cfg(test)]
@@ -292,7 +307,12 @@ mod tests {
         assert_eq!(f8.scales_at, 7 * 256);
         assert!(f8.len >= f8.scales_at + 56 && f8.len.is_multiple_of(ALIGN));
         let mut buf = vec![0u8; 32];
-        write_i64s(&mut buf, 8, [-1i64, 7].into_iter());
+        write_i64s(&mut buf, 8, 2, |k| [-1i64, 7][k]);
+        let mut big = vec![0u8; 8 * 5000];
+        write_i64s(&mut big, 0, 5000, |k| k as i64 - 7);
+        for k in [0, 4095, 4999] {
+            assert_eq!(&big[8 * k..8 * k + 8], &(k as i64 - 7).to_le_bytes());
+        }
         assert_eq!(&buf[8..16], &(-1i64).to_le_bytes());
         assert_eq!(&buf[16..24], &7i64.to_le_bytes());
     }
