@@ -593,10 +593,22 @@ fn golden_files_pass_on_the_gpu() {
                     Variant::Paper => {
                         assert!(err <= 1e-5, "{file} sample {i} layer {l}: rel err {err:e}")
                     }
-                    Variant::V41 => assert!(
-                        max_ulp <= 1 && off as f64 <= 0.01 * want.len() as f64,
-                        "{file} sample {i} layer {l}: {off} off, max {max_ulp} ulp"
-                    ),
+                    // kv is rounded to bf16 after an f32 GEMM whose summation order is
+                    // cuBLAS's: a kv element next to a rounding boundary can land on the
+                    // other side, and where the output cancels (x ~ -g*value) that one
+                    // value ulp is 2 output ulps. First seen on an H200 (sample 0 layer 3:
+                    // 3 elements, max 2 ulp); a plain sequential f32 sum on the CPU gives
+                    // exactly the same 3 elements. Hence: 2 ulp at most, on at most 0.1%
+                    // of elements, and at most 1% off at all.
+                    Variant::V41 => {
+                        let (far, _) = bf16_distance_over(&got, &want, 1);
+                        assert!(
+                            max_ulp <= 2
+                                && far as f64 <= 0.001 * want.len() as f64
+                                && off as f64 <= 0.01 * want.len() as f64,
+                            "{file} sample {i} layer {l}: {off} off, {far} by more than 1 ulp, max {max_ulp} ulp"
+                        )
+                    }
                 }
             }
         }

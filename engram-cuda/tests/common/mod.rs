@@ -58,6 +58,11 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 /// Elements whose bf16 values differ, and the largest distance in bf16 ulps.
 pub fn bf16_distance(a: &[f32], b: &[f32]) -> (usize, u32) {
+    bf16_distance_over(a, b, 0)
+}
+
+/// Elements more than `ulps` bf16 ulps apart, and the largest distance in ulps.
+pub fn bf16_distance_over(a: &[f32], b: &[f32], ulps: u32) -> (usize, u32) {
     let ordered = |x: f32| {
         let bits = half::bf16::from_f32(x).to_bits() as i32;
         if bits & 0x8000 != 0 {
@@ -70,10 +75,10 @@ pub fn bf16_distance(a: &[f32], b: &[f32]) -> (usize, u32) {
     let mut max = 0;
     for (&x, &y) in a.iter().zip(b) {
         let d = (ordered(x) - ordered(y)).unsigned_abs();
-        if d > 0 {
+        if d > ulps {
             off += 1;
-            max = max.max(d);
         }
+        max = max.max(d);
     }
     (off, max)
 }
