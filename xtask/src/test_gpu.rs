@@ -265,6 +265,9 @@ fn bundle(built: &Built, dir: &Path) -> Result<()> {
     let script = RUN_SH.replace("@TESTS@", &tests.join(" "));
     let run = dir.join("run.sh");
     std::fs::write(&run, script).with_context(|| format!("writing {}", run.display()))?;
+    let profile = dir.join("profile.sh");
+    std::fs::write(&profile, PROFILE_SH)
+        .with_context(|| format!("writing {}", profile.display()))?;
     let size: u64 = names
         .iter()
         .filter_map(|n| std::fs::metadata(dir.join(n)).ok())
@@ -325,6 +328,8 @@ export ENGRAM_REQUIRE_GPU=1
 export ENGRAM_COMMIT="$(cat "$here/COMMIT" 2>/dev/null || echo unknown)"
 echo "run.sh: binaries built from commit $ENGRAM_COMMIT" >&2
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 || true
+ENGRAM_DRIVER_RELEASE="$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+export ENGRAM_DRIVER_RELEASE
 if ! "$here/gpu-bench" --probe; then
   echo "run.sh: NO GPU: nothing was verified" >&2
   exit 2
@@ -345,6 +350,42 @@ if [ -n "$failed" ]; then
   exit 1
 fi
 echo "run.sh: all GPU checks passed; benchmark JSON: $json" >&2
+"#;
+
+const PROFILE_SH: &str = r#"#!/usr/bin/env bash
+# What explains the figures (needs Nsight Compute and compute-sanitizer, as on the device
+# machines): ncu's view of the device-table gather kernel (`gpu-bench --only profile`),
+# then compute-sanitizer's memcheck over the GPU tests that run the gather, the cache and
+# the whole layer. Output under $OUT (or the bundle). Run from the repository root.
+set -u
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${OUT:-$here}"
+extra=""
+for f in $(find /usr/local /opt /usr/lib -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' \) -not -path '*/stubs/*' 2>/dev/null); do
+  extra="$extra:$(dirname "$f")"
+done
+export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra" ENGRAM_REQUIRE_GPU=1
+[ -z "${ENGRAM_TEST_DATA:-}" ] && [ -f "$PWD/tests/data/forward_demo_small.safetensors" ] && export ENGRAM_TEST_DATA="$PWD/tests/data"
+status=0
+if command -v ncu >/dev/null; then
+  timeout "${ENGRAM_NCU_TIMEOUT:-120}" ncu --clock-control none -k regex:engram_gather_rows \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    "$here/gpu-bench" --only profile --json "$out/profile-bench.json" > "$out/ncu-gather.txt" 2>&1 || status=1
+  grep -E "engram_gather_rows|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Grid Size|Block Size" "$out/ncu-gather.txt" | head -80
+else
+  echo "profile.sh: no ncu here" >&2
+fi
+if command -v compute-sanitizer >/dev/null; then
+  timeout "${ENGRAM_SANITIZER_TIMEOUT:-150}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$here/gpu" --test-threads=1 every_placement whole_layer prefetch_pipeline golden > "$out/memcheck.txt" 2>&1
+  rc=$?
+  tail -5 "$out/memcheck.txt"
+  echo "profile.sh: memcheck exit $rc" >&2
+  [ "$rc" = 0 ] || status=1
+else
+  echo "profile.sh: no compute-sanitizer here" >&2
+fi
+exit $status
 "#;
 
 #[cfg(test)]

@@ -13,12 +13,14 @@
 //!    offloaded (prefetched at step start, or fetched at the layer) against resident.
 //! 6. `targets`: the issue's targets judged from the figures above.
 //!
+//! `--only profile` runs a few device-table gathers and nothing else, for `ncu`.
+//!
 //! Usage: `gpu-bench [--json PATH] [--quick] [--probe] [--only SECTION,...] [--rows N]
 //! [--hidden N] [--prefill N] [--latency-rows N] [--step-tokens N] [--busy-us N]
 //! [--steps N]`. JSON goes to `--json`, else to `$OUT/gpu-bench.json` when `OUT` is set;
 //! it is rewritten after each section, so a run cut short keeps what it measured. A
 //! section that fails is recorded under `errors` and the others still run. The commit
-//! is taken from `ENGRAM_COMMIT`. Exit status: 0, 1 when a section failed, 2 when there
+//! is taken from `ENGRAM_COMMIT`, the driver release from `ENGRAM_DRIVER_RELEASE`. Exit status: 0, 1 when a section failed, 2 when there
 //! is no GPU.
 
 mod data;
@@ -40,6 +42,8 @@ use serde_json::{json, Value};
 use crate::report::{Report, Res};
 
 const SECTIONS: [&str; 4] = ["gather", "layer", "latency", "step"];
+/// Sections run only when named in `--only`.
+const EXTRA: [&str; 1] = ["profile"];
 
 pub struct Args {
     json: Option<PathBuf>,
@@ -58,7 +62,8 @@ pub struct Args {
 
 const USAGE: &str = "usage: gpu-bench [--json PATH] [--quick] [--probe] [--only SECTION,...] \
      [--rows N] [--hidden N] [--prefill N] [--latency-rows N] [--step-tokens N] \
-     [--busy-us N] [--steps N]; sections: gather, layer, latency, step";
+     [--busy-us N] [--steps N]; sections: gather, layer, latency, step (the default: \
+     all four), profile (a few device gathers for ncu)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -90,7 +95,7 @@ fn parse_args() -> Result<Args, String> {
             "--probe" => a.probe = true,
             "--only" => {
                 for s in val("--only")?.split(',') {
-                    if !SECTIONS.contains(&s) {
+                    if !SECTIONS.contains(&s) && !EXTRA.contains(&s) {
                         return Err(format!("--only: unknown section {s}; {USAGE}"));
                     }
                     a.only.push(s.to_string());
@@ -183,8 +188,8 @@ fn run(a: &Args, json_path: Option<&PathBuf>, r: &mut Report) -> Res<Vec<String>
     write_json(json_path, r);
     let dir = data::tempfile_dir()?;
     let mut failed = Vec::new();
-    for section in SECTIONS {
-        if !a.runs(section) {
+    for section in SECTIONS.into_iter().chain(EXTRA) {
+        if !a.runs(section) || (EXTRA.contains(&section) && a.only.is_empty()) {
             continue;
         }
         let t = Instant::now();
@@ -194,6 +199,7 @@ fn run(a: &Args, json_path: Option<&PathBuf>, r: &mut Report) -> Res<Vec<String>
             "layer" => layer::measure(&be, a.hidden, &a.layer_tokens(), limits, r),
             "latency" => latency::measure(&be, a.latency_rows, &a.latency_tokens(), r),
             "step" => step::measure(&be, a, r),
+            "profile" => gather::profile(&be, a.rows),
             _ => unreachable!("SECTIONS"),
         };
         let secs = t.elapsed().as_secs_f64();
@@ -261,6 +267,12 @@ fn main() -> ExitCode {
     r.json.insert(
         "commit".into(),
         json!(std::env::var("ENGRAM_COMMIT").unwrap_or_else(|_| "unknown".into())),
+    );
+    // The driver's release (the kernel module, e.g. 580.159.04) as nvidia-smi gives it;
+    // run.sh passes it on.
+    r.json.insert(
+        "driver_release".into(),
+        json!(std::env::var("ENGRAM_DRIVER_RELEASE").unwrap_or_else(|_| "unknown".into())),
     );
     r.json.insert(
         "probe".into(),
