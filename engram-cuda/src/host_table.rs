@@ -53,10 +53,17 @@ impl HostBytes {
     }
 }
 
+/// Anonymous memory for a table, backed by transparent huge pages where the kernel offers
+/// them: gathers touch rows at random, and with 4 KiB pages nearly every row costs a TLB
+/// miss (a two-level page walk in a virtual machine).
 fn anon(len: usize) -> Result<MmapMut> {
-    MmapMut::map_anon(len.max(1)).map_err(|e| {
+    let map = MmapMut::map_anon(len.max(1)).map_err(|e| {
         CudaBackendError::Invalid(format!("cannot allocate {len} bytes of host memory: {e}"))
-    })
+    })?;
+    // Before the first touch, so the faults allocate huge pages. Best effort: a kernel
+    // without THP keeps 4 KiB pages.
+    let _ = map.advise(memmap2::Advice::HugePage);
+    Ok(map)
 }
 
 /// Bytes of one row's values (scales excluded).

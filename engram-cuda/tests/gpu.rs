@@ -107,6 +107,51 @@ fn kernels_compile_and_nvrtc_errors_carry_the_log() {
     }
 }
 
+/// Ids already on the device, gathered back to back (what the benchmark times): the same
+/// bits as the CPU, for every row format, at widths that take the wide path (256) and the
+/// one-column path (40); a short id buffer is an error.
+#[test]
+fn device_ids_gather_exactly_what_the_cpu_gathers() {
+    let Some(gpu) = gpu_or_skip("device_ids_gather_exactly_what_the_cpu_gathers") else {
+        return;
+    };
+    let be = &gpu.backend;
+    let mut rng = Rng::new(31);
+    for dtype in [
+        RowDtype::F32,
+        RowDtype::BF16,
+        RowDtype::F16,
+        RowDtype::F8E4M3Scaled,
+    ] {
+        for width in [
+            256usize,
+            if dtype == RowDtype::F8E4M3Scaled {
+                96
+            } else {
+                40
+            },
+        ] {
+            let host = random_table(dtype, 3000, width, &mut rng);
+            let table = DeviceTable::upload(be, &host).unwrap();
+            let ids: Vec<u64> = (0..5000).map(|_| rng.below(3000)).collect();
+            let dev_ids = be
+                .upload(&ids.iter().map(|&r| r as i64).collect::<Vec<_>>())
+                .unwrap();
+            // Room for one row more, so the short-buffer check below is about the ids.
+            let mut out = be.alloc_zeros::<f32>((ids.len() + 1) * width).unwrap();
+            unsafe { table.gather_device_ids(&dev_ids, ids.len(), &mut out, be.stream()) }.unwrap();
+            assert_eq!(
+                bits(&be.download(&out).unwrap()[..ids.len() * width]),
+                bits(&cpu_gather(&host, &ids)),
+                "{dtype} width {width}"
+            );
+            let e =
+                unsafe { table.gather_device_ids(&dev_ids, ids.len() + 1, &mut out, be.stream()) };
+            assert!(e.is_err(), "{dtype}: a short id buffer was accepted");
+        }
+    }
+}
+
 #[test]
 fn fp8_dequantization_is_exact() {
     let Some(gpu) = gpu_or_skip("fp8_dequantization_is_exact") else {

@@ -41,8 +41,11 @@ impl Hasher for FxHasher {
 
 pub(crate) type FxMap = HashMap<u64, u32, BuildHasherDefault<FxHasher>>;
 
-/// Ids from which the parallel table is used.
-pub(crate) const PARALLEL_IDS: usize = 2048;
+/// Batches from which the host side of a prefetch (de-duplication, staging, writing the
+/// gather's sources) runs on every thread. Below it, waking the pool costs more than the
+/// work: on the H200 machines (a 16-core VM) a parallel pass over 4096 ids took longer
+/// than the serial one. `gpu-bench`'s `staging` section measures both sides.
+pub const PARALLEL_IDS: usize = 16384;
 
 /// A free slot of the parallel table. Row ids are checked against the table's row count
 /// before they get here, so no id equals it.
@@ -53,7 +56,7 @@ const CHUNK: usize = 4096;
 
 /// Reusable buffers of [`Deduper::dedupe`].
 #[derive(Default)]
-pub(crate) struct Deduper {
+pub struct Deduper {
     map: FxMap,
     keys: Vec<AtomicU64>,
     /// Per table slot: the index of its id among the distinct ones.
@@ -63,10 +66,15 @@ pub(crate) struct Deduper {
 impl Deduper {
     /// The distinct ids of `ids`, and for each id its index among them.
     pub fn dedupe(&mut self, ids: &[u64]) -> (Vec<u64>, Vec<u32>) {
-        if ids.len() < PARALLEL_IDS {
-            dedupe_serial(ids, &mut self.map)
-        } else {
+        self.dedupe_with(ids, ids.len() >= PARALLEL_IDS)
+    }
+
+    /// [`Self::dedupe`] through the parallel table or the serial map, as `parallel` says.
+    pub fn dedupe_with(&mut self, ids: &[u64], parallel: bool) -> (Vec<u64>, Vec<u32>) {
+        if parallel {
             self.dedupe_parallel(ids)
+        } else {
+            dedupe_serial(ids, &mut self.map)
         }
     }
 
@@ -181,7 +189,7 @@ mod tests {
     }
 
     /// Every id maps back to itself, each distinct id appears once, over batch sizes on
-    /// both sides of the parallel threshold and with heavy and no repetition; the buffers
+    /// both paths and with heavy and no repetition; the buffers
     /// are reused from call to call (a smaller call after a larger one).
     #[test]
     fn parallel_table_maps_every_id_to_itself() {
@@ -203,7 +211,7 @@ mod tests {
                     x % distinct
                 })
                 .collect();
-            let (unique, index) = d.dedupe(&ids);
+            let (unique, index) = d.dedupe_with(&ids, n >= 2048);
             assert_eq!(index.len(), n);
             for (k, &id) in ids.iter().enumerate() {
                 assert_eq!(unique[index[k] as usize], id, "n {n}, position {k}");

@@ -53,6 +53,40 @@ impl DeviceTable {
         self.values.len() + self.scales.as_ref().map_or(0, CudaSlice::len)
     }
 
+    /// Gathers rows whose ids are already on the device (`ids[..n]`, offsets added) into
+    /// `out`, on `stream`: one kernel, nothing crosses the bus. For a pipeline that hashes
+    /// or uploads ids itself, and for timing the kernel back to back.
+    ///
+    /// # Safety
+    /// Every id must be below [`DeviceTableStore::num_rows`]: ids on the device are not
+    /// checked, and the kernel reads wherever an id points.
+    pub unsafe fn gather_device_ids(
+        &self,
+        ids: &CudaSlice<i64>,
+        n: usize,
+        out: &mut CudaSlice<f32>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<()> {
+        if ids.len() < n {
+            return Err(crate::error::CudaBackendError::Invalid(format!(
+                "{n} rows asked of a device buffer of {} ids",
+                ids.len()
+            )));
+        }
+        let (a_values, g1) = self.values.device_ptr(stream);
+        let scales = self.scales.as_ref().map(|s| s.device_ptr(stream));
+        let (src, g2) = ids.device_ptr(stream);
+        let srcs = GatherSources {
+            a_values,
+            a_scales: scales.as_ref().map_or(0, |(p, _)| *p),
+            src,
+            ..Default::default()
+        };
+        let r = launch_gather(&self.backend, stream, srcs, out, n, self.width, self.dtype);
+        drop((g1, g2, scales));
+        r
+    }
+
     fn check_ids(&self, ids: &[u64]) -> Result<()> {
         if let Some(&row) = ids.iter().find(|&&r| r >= self.rows) {
             return Err(engram_core::EngramError::RowOutOfRange {

@@ -30,7 +30,9 @@ use engram_core::dtype::RowDtype;
 use serde::Serialize;
 
 pub use cache::{CachePlan, CachePlanner, CachedTable};
+pub use dedupe::{Deduper, PARALLEL_IDS};
 pub use device::DeviceTable;
+pub use pinned::stage_rows_with;
 pub use pinned::PinnedTable;
 pub use zero_copy::ZeroCopyTable;
 

@@ -9,7 +9,7 @@ use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 use rayon::prelude::*;
 
-use super::dedupe::Deduper;
+use super::dedupe::{Deduper, PARALLEL_IDS};
 use super::staging::{write_i64s, Layout, Ring};
 use super::{
     check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
@@ -19,15 +19,24 @@ use crate::backend::CudaBackend;
 use crate::error::Result;
 use crate::host_table::HostTable;
 
-/// Rows below which the host gather stays on the calling thread.
-const PARALLEL_ROWS: usize = 2048;
-
 /// Copies the stored bytes of `rows` into `values` (`[rows, value_row_bytes]`) and
 /// `scales` (`[rows, scale_row_bytes]`), from every thread for a large batch (random
-/// reads of host memory: many in flight is what makes them fast).
+/// reads of host memory: many in flight is what makes them fast; see
+/// [`super::dedupe::PARALLEL_IDS`] for where that starts to pay).
 pub(crate) fn stage_rows(host: &HostTable, rows: &[u64], values: &mut [u8], scales: &mut [u8]) {
+    stage_rows_with(host, rows, values, scales, rows.len() >= PARALLEL_IDS)
+}
+
+/// [`stage_rows`], on every thread or on the calling one as `parallel` says.
+pub fn stage_rows_with(
+    host: &HostTable,
+    rows: &[u64],
+    values: &mut [u8],
+    scales: &mut [u8],
+    parallel: bool,
+) {
     let (rb, sb) = (host.value_row_bytes(), host.scale_row_bytes());
-    if rows.len() >= PARALLEL_ROWS {
+    if parallel {
         values
             .par_chunks_mut(rb)
             .with_min_len(64)

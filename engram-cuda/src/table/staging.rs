@@ -271,15 +271,12 @@ impl Drop for Ring {
     }
 }
 
-/// Values from which [`write_i64s`] writes from every thread.
-const PARALLEL_VALUES: usize = 4096;
-
 /// Writes `value(0..n)` as little-endian i64 into the region at `at` (a large batch from
 /// every thread: the staging memory is write-combined, so each thread's run of stores
 /// leaves as whole lines).
 pub(crate) fn write_i64s(buf: &mut [u8], at: usize, n: usize, value: impl Fn(usize) -> i64 + Sync) {
     let region = &mut buf[at..at + 8 * n];
-    if n >= PARALLEL_VALUES {
+    if n >= super::dedupe::PARALLEL_IDS {
         region
             .par_chunks_mut(8)
             .with_min_len(1024)
@@ -308,9 +305,10 @@ mod tests {
         assert!(f8.len >= f8.scales_at + 56 && f8.len.is_multiple_of(ALIGN));
         let mut buf = vec![0u8; 32];
         write_i64s(&mut buf, 8, 2, |k| [-1i64, 7][k]);
-        let mut big = vec![0u8; 8 * 5000];
-        write_i64s(&mut big, 0, 5000, |k| k as i64 - 7);
-        for k in [0, 4095, 4999] {
+        let n = super::super::dedupe::PARALLEL_IDS + 5;
+        let mut big = vec![0u8; 8 * n];
+        write_i64s(&mut big, 0, n, |k| k as i64 - 7);
+        for k in [0, 4095, n - 1] {
             assert_eq!(&big[8 * k..8 * k + 8], &(k as i64 - 7).to_le_bytes());
         }
         assert_eq!(&buf[8..16], &(-1i64).to_le_bytes());

@@ -5,13 +5,15 @@
 //! 2. `gather`: rows per placement (device, pinned host from RAM and from a mapped file,
 //!    zero-copy RAM and mapped file, device cache at 50% and 90% hits), for FP8 (264-byte
 //!    rows), bf16 and f32 rows, at 1, 64, 4096 and 65536 rows per call.
-//! 3. `layer`: the whole layer's device time per token at a V4.1 layer size, both
+//! 3. `staging`: the host side of a pinned-host prefetch (de-duplication, row copies into
+//!    write-combined pinned, cached pinned and ordinary memory), serial and parallel.
+//! 4. `layer`: the whole layer's device time per token at a V4.1 layer size, both
 //!    variants, decode (1-64 tokens) and prefill.
-//! 4. `latency`: a decode step's lookup, from the call to rows ready on the device,
+//! 5. `latency`: a decode step's lookup, from the call to rows ready on the device,
 //!    prefetched and not, from a large FP8 table.
-//! 5. `step`: a simulated host step, busy GPU work then the Engram layer, the table
+//! 6. `step`: a simulated host step, busy GPU work then the Engram layer, the table
 //!    offloaded (prefetched at step start, or fetched at the layer) against resident.
-//! 6. `targets`: the issue's targets judged from the figures above.
+//! 7. `targets`: the issue's targets judged from the figures above.
 //!
 //! `--only profile` runs a few device-table gathers and nothing else, for `ncu`.
 //!
@@ -29,6 +31,7 @@ mod latency;
 mod layer;
 mod link;
 mod report;
+mod staging;
 mod step;
 mod targets;
 
@@ -41,7 +44,7 @@ use serde_json::{json, Value};
 
 use crate::report::{Report, Res};
 
-const SECTIONS: [&str; 4] = ["gather", "layer", "latency", "step"];
+const SECTIONS: [&str; 5] = ["gather", "staging", "layer", "latency", "step"];
 /// Sections run only when named in `--only`.
 const EXTRA: [&str; 1] = ["profile"];
 
@@ -62,8 +65,8 @@ pub struct Args {
 
 const USAGE: &str = "usage: gpu-bench [--json PATH] [--quick] [--probe] [--only SECTION,...] \
      [--rows N] [--hidden N] [--prefill N] [--latency-rows N] [--step-tokens N] \
-     [--busy-us N] [--steps N]; sections: gather, layer, latency, step (the default: \
-     all four), profile (a few device gathers for ncu)";
+     [--busy-us N] [--steps N]; sections: gather, staging, layer, latency, step (the \
+     default: all five), profile (a few device gathers for ncu)";
 
 fn parse_args() -> Result<Args, String> {
     let mut a = Args {
@@ -199,6 +202,7 @@ fn run(a: &Args, json_path: Option<&PathBuf>, r: &mut Report) -> Res<Vec<String>
             "layer" => layer::measure(&be, a.hidden, &a.layer_tokens(), limits, r),
             "latency" => latency::measure(&be, a.latency_rows, &a.latency_tokens(), r),
             "step" => step::measure(&be, a, r),
+            "staging" => staging::measure(&be, a.rows, r),
             "profile" => gather::profile(&be, a.rows),
             _ => unreachable!("SECTIONS"),
         };
