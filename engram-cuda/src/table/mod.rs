@@ -32,8 +32,8 @@ use serde::Serialize;
 pub use cache::{CachePlan, CachePlanner, CachedTable};
 pub use dedupe::{Deduper, PARALLEL_IDS};
 pub use device::DeviceTable;
-pub use pinned::stage_rows_with;
 pub use pinned::PinnedTable;
+pub use pinned::{stage_rows_with, PARALLEL_STAGE_ROWS};
 pub use zero_copy::ZeroCopyTable;
 
 use crate::backend::{CudaBackend, BLOCK, WARPS_PER_BLOCK};

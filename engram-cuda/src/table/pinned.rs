@@ -9,7 +9,7 @@ use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 use rayon::prelude::*;
 
-use super::dedupe::{Deduper, PARALLEL_IDS};
+use super::dedupe::Deduper;
 use super::staging::{write_i64s, Layout, Ring};
 use super::{
     check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
@@ -19,12 +19,23 @@ use crate::backend::CudaBackend;
 use crate::error::Result;
 use crate::host_table::HostTable;
 
+/// Rows from which [`stage_rows`] copies from every thread. Random reads of host memory
+/// are latency-bound, so many in flight pay early: on the H200 machines (16-core VM)
+/// 4096 FP8 rows took 297 us on one thread and 79 us on all of them (`gpu-bench`'s
+/// `staging` section), where de-duplicating the same ids was faster on one thread
+/// ([`super::dedupe::PARALLEL_IDS`]).
+pub const PARALLEL_STAGE_ROWS: usize = 2048;
+
 /// Copies the stored bytes of `rows` into `values` (`[rows, value_row_bytes]`) and
-/// `scales` (`[rows, scale_row_bytes]`), from every thread for a large batch (random
-/// reads of host memory: many in flight is what makes them fast; see
-/// [`super::dedupe::PARALLEL_IDS`] for where that starts to pay).
+/// `scales` (`[rows, scale_row_bytes]`), from every thread from [`PARALLEL_STAGE_ROWS`].
 pub(crate) fn stage_rows(host: &HostTable, rows: &[u64], values: &mut [u8], scales: &mut [u8]) {
-    stage_rows_with(host, rows, values, scales, rows.len() >= PARALLEL_IDS)
+    stage_rows_with(
+        host,
+        rows,
+        values,
+        scales,
+        rows.len() >= PARALLEL_STAGE_ROWS,
+    )
 }
 
 /// [`stage_rows`], on every thread or on the calling one as `parallel` says.

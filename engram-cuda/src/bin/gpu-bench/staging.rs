@@ -2,12 +2,12 @@
 //! copying the rows into staging memory, each on the calling thread and on every thread,
 //! into write-combined pinned memory (what the stores use), cached pinned memory, and
 //! ordinary memory. This is where an offloaded gather spends its time, and what decides
-//! `PARALLEL_IDS`.
+//! `PARALLEL_IDS` and `PARALLEL_STAGE_ROWS`.
 
 use std::time::Instant;
 
 use engram_core::dtype::RowDtype;
-use engram_cuda::table::{stage_rows_with, Deduper, PARALLEL_IDS};
+use engram_cuda::table::{stage_rows_with, Deduper, PARALLEL_IDS, PARALLEL_STAGE_ROWS};
 use engram_cuda::CudaBackend;
 use serde_json::json;
 
@@ -103,7 +103,7 @@ pub fn measure(be: &CudaBackend, rows: u64, r: &mut Report) -> Res<()> {
     r.json.insert(
         "staging".into(),
         json!({"table_rows": rows, "reps": REPS, "threads": rayon::current_num_threads(),
-               "parallel_from": PARALLEL_IDS, "ids": "distinct, fresh per rep", "runs": runs}),
+               "dedupe_parallel_from": PARALLEL_IDS, "stage_parallel_from": PARALLEL_STAGE_ROWS, "ids": "distinct, fresh per rep", "runs": runs}),
     );
     Ok(())
 }
