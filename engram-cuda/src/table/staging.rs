@@ -142,7 +142,7 @@ impl Ring {
         let i = self.next;
         self.next ^= 1;
         let ctx = self.backend.context().clone();
-        let stream = self.backend.stream().clone();
+        let copy = self.backend.copy_stream().clone();
         let s = &mut self.slots[i];
         // The previous copy out of the pinned buffer must be done before it is rewritten.
         s.copy_done
@@ -153,19 +153,19 @@ impl Ring {
             s.consumed
                 .synchronize()
                 .ctx("waiting for a staging buffer's last reader")?;
-            let cap = layout.len.max(2 * s.cap).max(1 << 16);
+            // Grown rarely: freeing pinned memory can stall the host, and a step whose
+            // payload outgrows its slot pays for it.
+            let cap = layout.len.max(2 * s.cap).max(1 << 20);
             s.host = None;
             s.dev = None;
             s.host = Some(
                 unsafe { ctx.alloc_pinned::<u8>(cap) }
                     .ctx("allocating pinned host staging memory")?,
             );
-            s.dev =
-                Some(unsafe { stream.alloc::<u8>(cap) }.ctx("allocating device staging memory")?);
-            // The allocation is ordered on the compute stream; the copy stream writes it.
-            stream
-                .synchronize()
-                .ctx("waiting for a staging allocation")?;
+            // Ordered on the copy stream, which writes it first; the compute stream reads
+            // it only after `copy_done`. (Allocating on the compute stream would need a
+            // host wait for everything queued there, the model's earlier layers included.)
+            s.dev = Some(unsafe { copy.alloc::<u8>(cap) }.ctx("allocating device staging memory")?);
             s.cap = cap;
         }
         s.generation += 1;
