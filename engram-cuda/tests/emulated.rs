@@ -373,13 +373,13 @@ fn emulated_gathers_and_cache_inserts() {
             bits(&cpu_gather(&host, &staged)),
             "{dtype} B in order"
         );
-        // The same rows 2 bytes further on: too misaligned for the wide loads (4 bytes
-        // at least), so every format takes the one-column-per-lane path.
+        // The same rows 4 bytes further on: too misaligned for the wide loads, so every
+        // format takes the one-column-per-lane path.
         let mut shifted = vec![0u8; 4096];
-        shifted[values_at + 2..values_at + 2 + staged.len() * rb]
+        shifted[values_at + 4..values_at + 4 + staged.len() * rb]
             .copy_from_slice(&payload[values_at..values_at + staged.len() * rb]);
         shifted[scales_at..].copy_from_slice(&payload[scales_at..]);
-        args[2] = A::At(12, values_at as u64 + 2);
+        args[2] = A::At(12, values_at as u64 + 4);
         args[5] = zeros(staged.len() * width);
         args[12] = A::Buf(shifted);
         emu.launch("engram_gather_rows", (1, 1), BLOCK, &mut args);

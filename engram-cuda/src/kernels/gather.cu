@@ -7,52 +7,50 @@
 //   src == 0:    row i of table B.
 // `*_scales` are the E8M0 scales of FP8 rows (one byte per 32 columns), else 0.
 //
-// Lane l converts columns [4l, 4l+4) of each 128-column stretch of a row, so that every
-// load and store of the warp covers one contiguous span (128 B of FP8, 256 B of bf16,
-// 512 B of f32 and of the f32 output), with 4-, 8- or 16-byte accesses when the row and
-// the output are aligned for them (every table this crate builds is); otherwise one
-// column per lane.
+// A lane converts 8 columns at a time (4 for f32) with one 8- or 16-byte load and 16-byte
+// stores when the row and the output are aligned for it (every table this crate builds
+// is); otherwise it falls back to one column per lane. The output rows are written once,
+// whole, so the stores of a warp cover whole 32-byte sectors.
 __device__ __forceinline__ f32x4 f32x4_of(float a, float b, float c, float d) {
     f32x4 v;
     v.x = a; v.y = b; v.z = c; v.w = d;
     return v;
 }
 
-// Columns c..c+3 of a stored row as f32 (c a multiple of 4).
-__device__ __forceinline__ f32x4 load_cols4(const u8* values, const u8* scales, int dtype, int c) {
-    if (dtype == DT_F32) return load_vec<f32x4>(values + 4 * c);
-    if (dtype == DT_F8E4M3) {
-        const u32 q = load_vec<u32>(values + c);
-        const float s = e8m0_to_f32(scales[c >> 5]);  // the 4 columns share one scale
-        return f32x4_of(round_bf16(e4m3_to_f32(q & 0xffu) * s),
-                        round_bf16(e4m3_to_f32((q >> 8) & 0xffu) * s),
-                        round_bf16(e4m3_to_f32((q >> 16) & 0xffu) * s),
-                        round_bf16(e4m3_to_f32(q >> 24) * s));
-    }
-    const u32x2 h = load_vec<u32x2>(values + 2 * c);
-    if (dtype == DT_BF16) {
-        return f32x4_of(bf16_bits_to_f32(h.x & 0xffffu), bf16_bits_to_f32(h.x >> 16),
-                        bf16_bits_to_f32(h.y & 0xffffu), bf16_bits_to_f32(h.y >> 16));
-    }
-    return f32x4_of(f16_bits_to_f32((u16)(h.x & 0xffffu)), f16_bits_to_f32((u16)(h.x >> 16)),
-                    f16_bits_to_f32((u16)(h.y & 0xffffu)), f16_bits_to_f32((u16)(h.y >> 16)));
-}
-
 __device__ __forceinline__ void gather_row_vec(
     const u8* values, const u8* scales, float* o, int width, int dtype, int lane)
 {
     u8* ob = (u8*)o;
-    // Two stretches per step, both loads in flight before either store.
-    for (int c0 = lane * 4; c0 < width; c0 += 256) {
-        const int c1 = c0 + 128;
-        const f32x4 r0 = load_cols4(values, scales, dtype, c0);
-        if (c1 < width) {
-            const f32x4 r1 = load_cols4(values, scales, dtype, c1);
-            store_vec(ob + 4 * c0, r0);
-            store_vec(ob + 4 * c1, r1);
-        } else {
-            store_vec(ob + 4 * c0, r0);
+    if (dtype == DT_F32) {
+        for (int c = lane * 4; c < width; c += 128) {
+            store_vec(ob + 4 * c, load_vec<f32x4>(values + 4 * c));
         }
+        return;
+    }
+    for (int c = lane * 8; c < width; c += 256) {
+        float f[8];
+        if (dtype == DT_F8E4M3) {
+            const u32x2 q = load_vec<u32x2>(values + c);
+            const float s = e8m0_to_f32(scales[c >> 5]);  // 8 columns share one scale
+            for (int k = 0; k < 4; ++k) {
+                f[k] = round_bf16(e4m3_to_f32((q.x >> (8 * k)) & 0xffu) * s);
+                f[k + 4] = round_bf16(e4m3_to_f32((q.y >> (8 * k)) & 0xffu) * s);
+            }
+        } else {
+            const u32x4 h = load_vec<u32x4>(values + 2 * c);
+            const u32 w[4] = {h.x, h.y, h.z, h.w};
+            for (int k = 0; k < 4; ++k) {
+                if (dtype == DT_BF16) {
+                    f[2 * k] = bf16_bits_to_f32(w[k] & 0xffffu);
+                    f[2 * k + 1] = bf16_bits_to_f32(w[k] >> 16);
+                } else {
+                    f[2 * k] = f16_bits_to_f32((u16)(w[k] & 0xffffu));
+                    f[2 * k + 1] = f16_bits_to_f32((u16)(w[k] >> 16));
+                }
+            }
+        }
+        store_vec(ob + 4 * c, f32x4_of(f[0], f[1], f[2], f[3]));
+        store_vec(ob + 4 * c + 16, f32x4_of(f[4], f[5], f[6], f[7]));
     }
 }
 
@@ -64,9 +62,10 @@ extern "C" __global__ void engram_gather_rows(
 {
     const int lane = threadIdx.x & 31;
     const int warps = blockDim.x >> 5;
-    // Wide accesses need whole 4-column groups and aligned rows (checked per row below).
-    const u64 align = dtype == DT_F32 ? 16u : dtype == DT_F8E4M3 ? 4u : 8u;
-    const bool shape_ok = width % 4 == 0;
+    // Wide accesses need whole vectors per row and aligned rows (checked per row below).
+    const int cols = dtype == DT_F32 ? 4 : 8;
+    const u64 align = dtype == DT_F32 ? 16u : dtype == DT_F8E4M3 ? 8u : 16u;
+    const bool shape_ok = width % cols == 0;
     for (i64 i = (i64)blockIdx.x * warps + (threadIdx.x >> 5); i < n;
          i += (i64)gridDim.x * warps) {
         const i64 s = src ? src[i] : -i - 1;
