@@ -17,7 +17,7 @@ use engram_plugin::{
 };
 use serde::Serialize;
 
-use crate::golden::relative_error;
+use engram_core::metrics::{relative_error, worse};
 
 /// One sequence at one Engram layer.
 #[derive(Clone, Debug, Serialize)]
@@ -153,13 +153,8 @@ pub fn check_trace(model: &Path, trace_dir: &Path, tolerance: f64) -> Result<Tra
                 } else {
                     relative_error(host, &expected)
                 };
-                // NaN would slip through `max`.
-                let rel_err = if rel_err.is_nan() {
-                    f64::INFINITY
-                } else {
-                    rel_err
-                };
-                report.max_rel_err = report.max_rel_err.max(rel_err);
+                // `worse` keeps a NaN, which then fails the tolerance check.
+                report.max_rel_err = worse(report.max_rel_err, rel_err);
                 report.checks.push(LayerCheck {
                     seq_id,
                     run,

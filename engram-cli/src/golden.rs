@@ -21,7 +21,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde::Serialize;
 
-pub use engram_core::testing::relative_error;
+use engram_core::metrics::{bf16_distance, relative_error};
 
 use crate::TokenizerContext;
 
@@ -230,29 +230,6 @@ fn load_layer(
             layer: Box::new(ReferenceLayer::new(cfg.clone(), layer_id, weights)?),
         }),
     }
-}
-
-/// Elements whose bf16 values differ, and the largest distance in bf16 ulps.
-pub fn bf16_distance(a: &[f32], b: &[f32]) -> (usize, u32) {
-    // Maps bf16 bits to integers whose difference counts representable values between.
-    let ordered = |x: f32| {
-        let bits = bf16::from_f32(x).to_bits() as i32;
-        if bits & 0x8000 != 0 {
-            -(bits & 0x7fff)
-        } else {
-            bits
-        }
-    };
-    let mut off = 0;
-    let mut max = 0u32;
-    for (&x, &y) in a.iter().zip(b) {
-        let dist = (ordered(x) - ordered(y)).unsigned_abs();
-        if dist > 0 {
-            off += 1;
-            max = max.max(dist);
-        }
-    }
-    (off, max)
 }
 
 fn write_dump(

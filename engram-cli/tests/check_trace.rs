@@ -91,6 +91,7 @@ fn a_traced_host_matches_the_reference_and_changes_are_caught() {
     // One output value of sequence 2 at layer 3, token 7, moved by a little.
     let file = trace.join("seq2.layer3.bin");
     let mut bytes = std::fs::read(&file).unwrap();
+    let original = bytes.clone();
     let record = 12 + 8 * HIDDEN;
     let at = 7 * record + 12 + 4 * (HIDDEN + 5);
     let v = f32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
@@ -108,6 +109,17 @@ fn a_traced_host_matches_the_reference_and_changes_are_caught() {
     let (code, stdout, _) = check_trace_command(&ckpt, &trace);
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("FAIL"), "{stdout}");
+
+    // A NaN in place of that value fails too (a worst error folded with f64::max would
+    // drop it and pass).
+    let mut nan = original.clone();
+    nan[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(&file, &nan).unwrap();
+    let report = check_trace(&ckpt, &trace, 1e-5).unwrap();
+    assert!(!report.passed(), "{}", report.to_text());
+    assert!(report.max_rel_err.is_nan(), "{}", report.to_text());
+    let (code, stdout, _) = check_trace_command(&ckpt, &trace);
+    assert_eq!(code, 1, "{stdout}");
 
     // A torn record file is an error naming it.
     bytes.truncate(bytes.len() - 3);

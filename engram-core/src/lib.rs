@@ -13,7 +13,8 @@
 //! - [`table`], [`backend`]: the traits a backend implements (table store, layer);
 //! - [`checkpoint`]: loading and validating layer weights from safetensors;
 //! - [`reference`]: the exact f32/f64 reference forward of both layer variants;
-//! - [`sequence`]: per-sequence decode state and the hashing stage of a batched step.
+//! - [`sequence`]: per-sequence decode state and the hashing stage of a batched step;
+//! - [`metrics`]: the error measures every check uses (NaN never passes).
 
 pub mod backend;
 pub mod checkpoint;
@@ -23,6 +24,7 @@ pub mod dtype;
 pub mod error;
 pub mod fastmod;
 pub mod hashing;
+pub mod metrics;
 pub mod numpy_rng;
 pub mod primes;
 pub mod reference;

@@ -1,5 +1,5 @@
-//! Seeded random configs, weights and tables for tests and benchmarks of any backend, the
-//! relative error every backend is judged by, and the inputs of a golden forward file.
+//! Seeded random configs, weights and tables for tests and benchmarks of any backend, and
+//! the inputs of a golden forward file. The error measures are in [`crate::metrics`].
 //!
 //! Values are drawn so that every code path is exercised with realistic magnitudes:
 //! V4.1 weights and table rows are exact dequantized FP8 values, like a real checkpoint.
@@ -10,24 +10,6 @@ use crate::checkpoint::{Checkpoint, LayerWeights, PaperWeights, V41Weights};
 use crate::config::{EngramConfig, Variant};
 use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16};
 use crate::error::{EngramError, Result};
-
-/// ||a - b|| / ||b|| in f64 (0 when both are zero, infinite when only `b` is).
-pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    if den == 0.0 {
-        if num == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        (num / den).sqrt()
-    }
-}
 
 /// The inputs of sample `i` of a golden forward file (tests/data/GOLDEN.md): its token
 /// ids, the hidden states fed to every Engram layer (`[1, t, hc_mult, hidden_size]`) and,

@@ -5,6 +5,7 @@
 use engram_core::backend::{EngramLayer, Segment, ShortConvState};
 use engram_core::checkpoint::{LayerWeights, PaperWeights, V41Weights};
 use engram_core::config::{EngramConfig, HashConfig, Variant};
+use engram_core::metrics::{relative_error, worse};
 use engram_core::reference::ReferenceLayer;
 use engram_cpu::layer::CpuLayer;
 use float8::F8E4M3;
@@ -186,20 +187,6 @@ fn segments<'a>(lens: &[usize], states: &'a mut [Option<ShortConvState>]) -> Vec
         .collect()
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    let diff: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| (b as f64).powi(2)).sum();
-    if norm == 0.0 {
-        diff.sqrt()
-    } else {
-        (diff / norm).sqrt()
-    }
-}
-
 /// Spacing of bf16 values at magnitude |x|.
 fn bf16_ulp(x: f32) -> f32 {
     let a = bf16::from_f32(x.abs());
@@ -269,11 +256,11 @@ fn state_rel_err(got: &[Option<ShortConvState>], want: &[Option<ShortConvState>]
     got.iter()
         .zip(want)
         .map(|(a, b)| match (a, b) {
-            (Some(a), Some(b)) => rel_err(a.rows(), b.rows()),
+            (Some(a), Some(b)) => relative_error(a.rows(), b.rows()),
             (None, None) => 0.0,
             _ => f64::INFINITY,
         })
-        .fold(0.0, f64::max)
+        .fold(0.0, worse)
 }
 
 /// Random paper-variant case `seed` with at most `max_len` tokens per segment; returns
@@ -293,7 +280,7 @@ fn paper_case(seed: u64, max_len: usize, dims: Option<Dims>) -> (f64, f64) {
     let want = run(&reference, &batch, &hidden, &emb, None);
     let got = run(&cpu, &batch, &hidden, &emb, None);
     let (out_err, state_err) = (
-        rel_err(&got.out, &want.out),
+        relative_error(&got.out, &want.out),
         state_rel_err(&got.states, &want.states),
     );
     assert!(out_err <= 1e-6, "seed {seed}: output rel err {out_err:e}");
@@ -335,8 +322,8 @@ fn paper_matches_reference_on_random_cases() {
     let (mut out_max, mut state_max) = (0f64, 0f64);
     for seed in 0..40 {
         let (o, s) = paper_case(seed, 12, None);
-        out_max = out_max.max(o);
-        state_max = state_max.max(s);
+        out_max = worse(out_max, o);
+        state_max = worse(state_max, s);
     }
     println!("paper f32: max rel err output {out_max:e}, conv state {state_max:e}");
 }
@@ -406,7 +393,7 @@ fn paper_chunked_equals_whole() {
         t += len;
     }
     assert_eq!(t, n);
-    let err = rel_err(&chunked, &whole);
+    let err = relative_error(&chunked, &whole);
     assert!(err <= 1e-6, "chunked vs whole: {err:e}");
 }
 

@@ -24,6 +24,10 @@ pub mod stats;
 pub mod step;
 pub mod trace;
 
+/// The core a host's own checks may need (configs, the error measures of
+/// [`engram_core::metrics`]) without depending on it separately.
+pub use engram_core;
+
 pub use device::{CudaTables, DeviceRows};
 pub use error::{PluginError, Result};
 pub use open::{BackendKind, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV};

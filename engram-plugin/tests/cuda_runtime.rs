@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::{EngramConfig, Variant};
-use engram_core::testing::{relative_error, GoldenSample};
+use engram_core::metrics::relative_error;
+use engram_core::testing::GoldenSample;
 use engram_cpu::table::TableMode;
 use engram_cuda::testing::{golden_data_dir, gpu_or_skip};
 use engram_plugin::{

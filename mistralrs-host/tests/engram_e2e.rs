@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use engram_plugin::engram_core::metrics::{max_relative_diff, worst};
 use serde_json::Value;
 
 const POEM: &str = "Write a short poem about the sea.";
@@ -184,19 +185,13 @@ impl Logits {
     }
 }
 
-/// Largest `max|a - b| / max|b|` over the steps of one request.
+/// Largest `max|a - b| / max|b|` over the steps of one request (NaN if any step has a
+/// NaN, or a step count differs).
 fn max_rel_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| {
-            let scale = y.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-            let diff = x
-                .iter()
-                .zip(y)
-                .fold(0f64, |m, (p, q)| m.max((*p as f64 - *q as f64).abs()));
-            diff / scale.max(1e-30)
-        })
-        .fold(0f64, f64::max)
+    if a.len() != b.len() {
+        return f64::NAN;
+    }
+    worst(a.iter().zip(b).map(|(x, y)| max_relative_diff(x, y)))
 }
 
 fn text(run: &Run, request: usize) -> String {

@@ -1,10 +1,10 @@
 //! Feeding sequences in random chunks, mixed in batches with other sequences at other
 //! positions, gives the outputs of the whole-sequence forward (both variants).
 
-use engram_cli::golden::relative_error as rel_err;
 use engram_core::backend::{EngramLayer, Segment};
 use engram_core::config::Variant;
 use engram_core::hashing::NgramHasher;
+use engram_core::metrics::{relative_error as rel_err, worse};
 use engram_core::reference::ReferenceLayer;
 use engram_core::sequence::{hash_step, layer_segments, SequenceState, StepTokens};
 use engram_core::table::TableStore;
@@ -124,7 +124,7 @@ fn chunked_vs_whole(fx: &Fixture, layers: &[Box<dyn EngramLayer>], seed: u64) ->
             let mut at = 0;
             for &(s, pos, len) in &picked {
                 let expected = &whole[s][l][pos * c..(pos + len) * c];
-                worst = worst.max(rel_err(&out[at * c..(at + len) * c], expected));
+                worst = worse(worst, rel_err(&out[at * c..(at + len) * c], expected));
                 at += len;
             }
         }

@@ -1,9 +1,9 @@
 //! Opening the runtime from files on disk and running the golden samples through it as
 //! a host would: the outputs equal the original implementation's.
 
-use engram_cli::golden::relative_error;
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
+use engram_core::metrics::relative_error;
 use engram_core::testing::GoldenSample;
 use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
 use engram_tests::{data_path, tokenizer_path};

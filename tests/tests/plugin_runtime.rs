@@ -6,11 +6,11 @@
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use engram_cli::golden::relative_error as rel_err;
 use engram_core::backend::{EngramLayer, Segment};
 use engram_core::compress::VocabCompression;
 use engram_core::config::Variant;
 use engram_core::hashing::NgramHasher;
+use engram_core::metrics::{relative_error as rel_err, worse};
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::{DenseTable, TableStore};
 use engram_core::testing::{random_hidden, TestRng};
@@ -188,10 +188,13 @@ fn drive_like_a_host(variant: Variant, padding: Padding, prefetch: bool, seed: u
                     Padding::Right => b * t,
                     Padding::Left => b * t + t - n,
                 };
-                worst = worst.max(rel_err(
-                    &ys[at * c..(at + n) * c],
-                    &s.expected[l][pos * c..(pos + n) * c],
-                ));
+                worst = worse(
+                    worst,
+                    rel_err(
+                        &ys[at * c..(at + n) * c],
+                        &s.expected[l][pos * c..(pos + n) * c],
+                    ),
+                );
                 let (pad_before, pad_after) = (b * t..at, at + n..(b + 1) * t);
                 for r in pad_before.chain(pad_after) {
                     assert_eq!(

@@ -40,6 +40,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
+use engram_core::metrics::{worse, worst as worst_of};
+
 use crate::progress::{count_bar, human};
 use crate::pypi;
 
@@ -1236,11 +1238,8 @@ fn verify_weights(g: &Gguf, p: &LlamaParams, dir: &Path) -> Result<()> {
         // Everything not permuted must equal the hand-decoded GGUF bytes.
         let (raw, dtype, _) = g.raw_bytes(&m.gguf)?;
         let own = decode_ggml(&raw, dtype)?;
-        let max_diff = own
-            .iter()
-            .zip(&hf)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        // NaN-keeping: a NaN in either decoding fails the check below.
+        let max_diff = worst_of(own.iter().zip(&hf).map(|(a, b)| (a - b).abs() as f64));
         ensure!(
             own.len() == hf.len() && max_diff <= 1e-6,
             "`{}` differs from the GGUF's `{}` decoded by hand ({dtype:?}): max |diff| {max_diff}",
@@ -1266,7 +1265,7 @@ fn verify_weights(g: &Gguf, p: &LlamaParams, dir: &Path) -> Result<()> {
     // q/k: attention logits with llama.cpp's RoPE on the GGUF layout must equal those with
     // Hugging Face's RoPE on the converted layout (a wrong row order breaks this).
     let x = |id: usize| embed[id * p.hidden..(id + 1) * p.hidden].to_vec();
-    let mut worst = 0f64;
+    let mut worst_err = 0f64;
     for layer in [0, p.n_layer / 2, p.n_layer - 1] {
         let q_shape = [p.n_head * p.head_dim, p.hidden];
         let k_shape = [p.n_head_kv * p.head_dim, p.hidden];
@@ -1285,19 +1284,15 @@ fn verify_weights(g: &Gguf, p: &LlamaParams, dir: &Path) -> Result<()> {
             let (xa, xb) = (x(a), x(b));
             let want = attention_logits(&gq, &gk, p, &xa, pa, &xb, pb, true);
             let got = attention_logits(&hq, &hk, p, &xa, pa, &xb, pb, false);
-            let scale = want.iter().map(|v| v.abs()).fold(1e-12, f64::max);
+            let scale = worse(worst_of(want.iter().map(|v| v.abs())), 1e-12);
             for (w, h) in want.iter().zip(&got) {
-                worst = worst.max((w - h).abs() / scale);
+                worst_err = worse(worst_err, (w - h).abs() / scale);
             }
             // A layout that is still permuted would give other logits: make sure the test
             // can tell (it compares llama.cpp's RoPE on the GGUF layout with itself
             // under the other convention).
             let wrong = attention_logits(&gq, &gk, p, &xa, pa, &xb, pb, false);
-            let wrong_err = want
-                .iter()
-                .zip(&wrong)
-                .map(|(w, h)| (w - h).abs() / scale)
-                .fold(0f64, f64::max);
+            let wrong_err = worst_of(want.iter().zip(&wrong).map(|(w, h)| (w - h).abs() / scale));
             ensure!(
                 wrong_err > 1e-3,
                 "the RoPE check cannot tell the two layouts apart (layer {layer})"
@@ -1305,13 +1300,13 @@ fn verify_weights(g: &Gguf, p: &LlamaParams, dir: &Path) -> Result<()> {
         }
     }
     ensure!(
-        worst < 1e-4,
+        worst_err < 1e-4,
         "q/k un-permutation: attention logits under Hugging Face's RoPE differ from \
-         llama.cpp's on the GGUF layout by {worst:.2e} (relative)"
+         llama.cpp's on the GGUF layout by {worst_err:.2e} (relative)"
     );
     eprintln!(
         "check     q/k un-permutation: attention logits (HF RoPE, converted) = (llama.cpp \
-         RoPE, GGUF) within {worst:.1e} relative, layers 0, {}, {}",
+         RoPE, GGUF) within {worst_err:.1e} relative, layers 0, {}, {}",
         p.n_layer / 2,
         p.n_layer - 1
     );

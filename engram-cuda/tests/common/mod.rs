@@ -41,47 +41,9 @@ impl Rng {
     }
 }
 
-/// ||a - b|| / ||b||.
-pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-/// Elements whose bf16 values differ, and the largest distance in bf16 ulps.
-pub fn bf16_distance(a: &[f32], b: &[f32]) -> (usize, u32) {
-    bf16_distance_over(a, b, 0)
-}
-
-/// Elements more than `ulps` bf16 ulps apart, and the largest distance in ulps.
-pub fn bf16_distance_over(a: &[f32], b: &[f32], ulps: u32) -> (usize, u32) {
-    let ordered = |x: f32| {
-        let bits = half::bf16::from_f32(x).to_bits() as i32;
-        if bits & 0x8000 != 0 {
-            -(bits & 0x7fff)
-        } else {
-            bits
-        }
-    };
-    let mut off = 0;
-    let mut max = 0;
-    for (&x, &y) in a.iter().zip(b) {
-        let d = (ordered(x) - ordered(y)).unsigned_abs();
-        if d > ulps {
-            off += 1;
-        }
-        max = max.max(d);
-    }
-    (off, max)
-}
+// Each test binary uses some of these.
+#[allow(unused_imports)]
+pub use engram_core::metrics::{bf16_distance, bf16_distance_over, relative_error as rel_err};
 
 pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
