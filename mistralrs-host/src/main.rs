@@ -53,8 +53,8 @@ struct Args {
     verbose: bool,
     /// Write the logits the sampler sees at every step (the last position's, f32, before
     /// sampling) to FILE as raw little-endian f32: request after request, step after step,
-    /// `vocab` values each. The JSON summary (`--json`) gives the shape and each step's
-    /// argmax (the greedy token ids).
+    /// `vocab` values each. The JSON summary (`--json`) gives the shape, each step's
+    /// argmax (the greedy token ids) and each request's context ids at its last step.
     #[arg(long)]
     dump_logits: Option<PathBuf>,
 }
@@ -64,6 +64,9 @@ struct Args {
 struct LogitsLog {
     /// (context length, logits) per sampling call.
     steps: Vec<(usize, Vec<f32>)>,
+    /// The token ids of the context at the last sampling call: the request's prompt as
+    /// the engine tokenized it, then every generated token but the last.
+    last_context: Vec<u32>,
 }
 
 fn argmax(v: &[f32]) -> usize {
@@ -138,10 +141,9 @@ async fn main() -> Result<()> {
                     .to_dtype(mistralrs::DType::F32)?
                     .flatten_all()?
                     .to_vec1::<f32>()?;
-                log.lock()
-                    .expect("logits log poisoned")
-                    .steps
-                    .push((context.len(), values));
+                let mut log = log.lock().expect("logits log poisoned");
+                log.steps.push((context.len(), values));
+                log.last_context = context.to_vec();
                 Ok(logits.clone())
             };
             request = request.add_logits_processor(Arc::new(processor));
@@ -242,7 +244,7 @@ async fn main() -> Result<()> {
 }
 
 /// Writes every request's logits to `path` (raw f32 LE) and returns their shape, the
-/// context length at each step and each step's argmax.
+/// context length at each step, each step's argmax and the last step's context ids.
 fn write_logits(path: &Path, logs: &[Arc<Mutex<LogitsLog>>]) -> Result<Value> {
     use std::io::Write;
     let mut out = std::io::BufWriter::new(
@@ -268,7 +270,8 @@ fn write_logits(path: &Path, logs: &[Arc<Mutex<LogitsLog>>]) -> Result<Value> {
             ids.push(argmax(values));
             context.push(*len);
         }
-        requests.push(json!({"steps": log.steps.len(), "context_len": context, "argmax_ids": ids}));
+        requests.push(json!({"steps": log.steps.len(), "context_len": context, "argmax_ids": ids,
+                             "context_ids": log.last_context}));
     }
     out.flush()?;
     Ok(json!({"file": path, "vocab": vocab.unwrap_or(0), "requests": requests}))

@@ -322,28 +322,64 @@ fn assert_engram_matches_reference_inside_host(s: &Setup, strong: &Path) {
         out.status.success(),
         "the host's Engram outputs differ from the reference: {report:#}"
     );
-    // Every request at both Engram layers with all its tokens (the prompt and every
-    // generated token but the last, sampled after the final pass) in its last run (the
-    // engine may start a sequence again at position 0). Other sequences (mistral.rs's
-    // warm-up request at load) may be there too.
-    let checks = report["checks"].as_array().unwrap();
-    let mut last_runs = std::collections::BTreeMap::new();
-    for c in checks {
-        let key = (c["seq_id"].as_u64(), c["layer_id"].as_u64());
-        last_runs.insert(key, c["tokens"].as_u64().unwrap());
-    }
-    let mut traced: Vec<u64> = last_runs.into_values().collect();
+    // Which tokens Engram saw, not only how many: every request's own token ids (its
+    // prompt as the engine tokenized it, then every generated token but the last, sampled
+    // after the final pass: the sampler's context at its last step) must be what one
+    // traced sequence holds at every Engram layer, at positions 0, 1, 2, ... in its last
+    // run (the engine may start a sequence again at position 0). Other sequences
+    // (mistral.rs's warm-up request at load) may be there too.
+    let traced = engram_plugin::trace::Trace::read(&trace).expect("the trace reads back");
+    let last_runs: Vec<(u64, Vec<(Vec<u64>, Vec<u32>)>)> = traced
+        .sequences
+        .iter()
+        .map(|(&seq, layers)| (seq, layers.iter().map(last_run).collect()))
+        .collect();
+    let mut unclaimed: Vec<bool> = vec![true; last_runs.len()];
     for i in 0..PROMPTS.len() {
+        let ids: Vec<u32> = traced_run.summary["logits"]["requests"][i]["context_ids"]
+            .as_array()
+            .expect("the host reports each request's context ids")
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let o = &traced_run.summary["outputs"][i];
         let n = o["prompt_tokens"].as_u64().unwrap() + o["completion_tokens"].as_u64().unwrap() - 1;
-        for _ in 0..2 {
-            let at = traced.iter().position(|&t| t == n).unwrap_or_else(|| {
-                panic!("request {i} ({n} tokens) is not in the trace at every layer: {report:#}")
-            });
-            traced.swap_remove(at);
-        }
+        assert_eq!(ids.len() as u64, n, "request {i}: context ids vs the usage counts");
+        let positions: Vec<u64> = (0..n).collect();
+        let found = last_runs.iter().enumerate().position(|(k, (_, layers))| {
+            unclaimed[k]
+                && layers.len() == traced.layer_ids.len()
+                && layers.iter().all(|(p, t)| *p == positions && *t == ids)
+        });
+        let Some(k) = found else {
+            let seen: Vec<String> = last_runs
+                .iter()
+                .map(|(seq, layers)| {
+                    format!(
+                        "sequence {seq}: {:?}",
+                        layers.iter().map(|(_, t)| &t[..t.len().min(12)]).collect::<Vec<_>>()
+                    )
+                })
+                .collect();
+            panic!(
+                "request {i}: no traced sequence holds its {n} token ids {:?}... at positions \
+                 0..{n} at every Engram layer; traced:\n{}",
+                &ids[..ids.len().min(12)],
+                seen.join("\n")
+            );
+        };
+        unclaimed[k] = false;
     }
     let _ = std::fs::remove_dir_all(&trace);
+}
+
+/// The positions and token ids of a layer's last run (from its last position 0 on).
+fn last_run(layer: &engram_plugin::trace::LayerTrace) -> (Vec<u64>, Vec<u32>) {
+    let start = layer.positions.iter().rposition(|&p| p == 0).unwrap_or(0);
+    (
+        layer.positions[start..].to_vec(),
+        layer.tokens[start..].to_vec(),
+    )
 }
 
 #[test]
