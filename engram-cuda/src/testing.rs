@@ -1,21 +1,15 @@
-//! Helpers for tests that need a GPU (or only NVRTC): skip where none is usable, fail
-//! when told to.
+//! Helpers for tests that need a GPU, NVRTC or the golden files.
 //!
-//! `ENGRAM_REQUIRE_GPU=1` (what `cargo xtask test-gpu` sets) turns "skipped: no GPU"
-//! into a test failure, so a GPU run cannot pass by verifying nothing.
+//! A test that needs a GPU is marked `#[ignore = "needs a CUDA device: cargo xtask
+//! test-gpu"]`, so `cargo test` reports it as ignored, never as passed. `cargo xtask
+//! test-gpu` (and the GPU bundle's `run.sh`) run the test binaries with
+//! `--include-ignored`, and there [`gpu`] fails the test when no GPU is usable: a GPU run
+//! cannot pass by verifying nothing.
 
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use crate::backend::CudaBackend;
-
-/// The environment variable that makes GPU tests fail instead of skipping.
-pub const REQUIRE_GPU_ENV: &str = "ENGRAM_REQUIRE_GPU";
-
-/// Whether `ENGRAM_REQUIRE_GPU` asks for a GPU (set, and not "0" or empty).
-pub fn require_gpu() -> bool {
-    env_flag(REQUIRE_GPU_ENV)
-}
 
 /// Whether the variable `name` is set, and not "0" or empty.
 fn env_flag(name: &str) -> bool {
@@ -40,26 +34,6 @@ pub fn nvrtc_or_skip(test: &str) -> bool {
     false
 }
 
-/// What a GPU test does when no GPU is usable.
-#[derive(Debug, PartialEq, Eq)]
-pub enum NoGpu {
-    /// Print this line and return.
-    Skip(String),
-    /// Fail with this message.
-    Fail(String),
-}
-
-/// The decision for a test named `test` that could not get a GPU because of `why`.
-pub fn no_gpu(test: &str, why: &str, require: bool) -> NoGpu {
-    if require {
-        NoGpu::Fail(format!(
-            "{test}: {REQUIRE_GPU_ENV}=1 but no GPU is usable: {why}"
-        ))
-    } else {
-        NoGpu::Skip(format!("skipped: {why}"))
-    }
-}
-
 /// One backend per test process (the kernels are compiled once), and a lock that runs
 /// GPU tests one at a time.
 fn shared() -> &'static (Result<CudaBackend, String>, Mutex<()>) {
@@ -78,28 +52,24 @@ pub struct GpuTest {
     _lock: MutexGuard<'static, ()>,
 }
 
-/// The shared backend for test `test`, or `None` after printing "skipped: ...".
-/// Panics (fails the test) instead when `ENGRAM_REQUIRE_GPU=1`.
-pub fn gpu_or_skip(test: &str) -> Option<GpuTest> {
+/// The shared backend for test `test` (an ignored test, run on purpose): panics, failing
+/// the test, with the reason when no GPU is usable.
+pub fn gpu(test: &str) -> GpuTest {
     let (backend, lock) = shared();
     match backend {
-        Ok(b) => Some(GpuTest {
+        Ok(b) => GpuTest {
             backend: b.clone(),
             _lock: lock.lock().unwrap_or_else(|p| p.into_inner()),
-        }),
-        Err(why) => match no_gpu(test, why, require_gpu()) {
-            NoGpu::Skip(line) => {
-                println!("{line}");
-                None
-            }
-            NoGpu::Fail(msg) => panic!("{msg}"),
         },
+        Err(why) => panic!("{test} needs a CUDA device and none is usable: {why}"),
     }
 }
 
 /// The repository's `tests/data` (the golden files): `ENGRAM_TEST_DATA` (what a bundle
 /// run elsewhere sets), else found from this crate's source or the working directory.
-pub fn golden_data_dir() -> Option<PathBuf> {
+/// Panics when none holds them: they are part of the repository, so a test never skips
+/// for want of them.
+pub fn golden_data_dir() -> PathBuf {
     [
         std::env::var_os("ENGRAM_TEST_DATA").map(PathBuf::from),
         Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data")),
@@ -108,35 +78,8 @@ pub fn golden_data_dir() -> Option<PathBuf> {
     .into_iter()
     .flatten()
     .find(|p| p.join("forward_demo_small.safetensors").is_file())
-}
-
-/// [`golden_data_dir`] for test `test`, or `None` after printing "skipped: ..."; fails
-/// instead when `ENGRAM_REQUIRE_GPU=1` (a GPU run must not pass without its data).
-pub fn golden_data_or_skip(test: &str) -> Option<PathBuf> {
-    let dir = golden_data_dir();
-    if dir.is_none() {
-        let why = "golden files not found (set ENGRAM_TEST_DATA to the repository's tests/data)";
-        match no_gpu(test, why, require_gpu()) {
-            NoGpu::Skip(line) => println!("{line}"),
-            NoGpu::Fail(msg) => panic!("{msg}"),
-        }
-    }
-    dir
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn skip_or_fail() {
-        assert_eq!(
-            no_gpu("t", "no CUDA driver (libcuda not found)", false),
-            NoGpu::Skip("skipped: no CUDA driver (libcuda not found)".into())
-        );
-        match no_gpu("t", "no CUDA driver (libcuda not found)", true) {
-            NoGpu::Fail(m) => assert!(m.contains("ENGRAM_REQUIRE_GPU=1") && m.contains("t:")),
-            other => panic!("{other:?}"),
-        }
-    }
+    .expect(
+        "the golden files (tests/data) were not found: set ENGRAM_TEST_DATA to the \
+         repository's tests/data",
+    )
 }

@@ -66,11 +66,19 @@ struct Emu {
 
 impl Emu {
     /// The emulator, compiled once per test process; None (after "skipped: ...") without
-    /// a C++20 compiler.
+    /// a C++20 compiler, or a failed test when `ENGRAM_REQUIRE_CXX20` is set (CI sets it,
+    /// so the emulation never skips there).
     fn new(test: &str) -> Option<&'static Self> {
         static EMU: std::sync::OnceLock<Option<Emu>> = std::sync::OnceLock::new();
         let emu = EMU.get_or_init(Self::build).as_ref();
         if emu.is_none() {
+            let required =
+                std::env::var("ENGRAM_REQUIRE_CXX20").is_ok_and(|v| !v.is_empty() && v != "0");
+            assert!(
+                !required,
+                "{test}: ENGRAM_REQUIRE_CXX20 is set but no C++20 compiler builds the kernel \
+                 emulation (set CXX, or install g++ 10 or later)"
+            );
             println!("skipped: {test}: no C++20 compiler for the kernel emulation");
         }
         emu

@@ -1,8 +1,9 @@
 //! GPU tests: kernels against the CPU and the reference layer, every table placement, the
 //! prefetch pipeline, the golden files, and errors on a working device.
 //!
-//! Without a usable GPU each test prints "skipped: <why>" and passes; with
-//! `ENGRAM_REQUIRE_GPU=1` (set by `cargo xtask test-gpu`) it fails instead.
+//! Each test is `#[ignore = "needs a CUDA device: ..."]`: `cargo test` lists it as
+//! ignored; `cargo xtask test-gpu` runs it with `--include-ignored`, and without a usable
+//! GPU it fails.
 
 use engram_core::backend::{EngramLayer, Segment, ShortConvState};
 use engram_core::checkpoint::{
@@ -14,7 +15,7 @@ use engram_core::primes::table_layouts;
 use engram_core::reference::ReferenceLayer;
 use engram_core::table::{DenseTable, TableStore};
 use engram_core::testing::GoldenSample;
-use engram_cuda::testing::{golden_data_or_skip, gpu_or_skip};
+use engram_cuda::testing::{golden_data_dir, gpu};
 
 mod common;
 use common::*;
@@ -80,10 +81,9 @@ fn placements(
 // ---------------------------------------------------------------- tests
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn kernels_compile_and_nvrtc_errors_carry_the_log() {
-    let Some(gpu) = gpu_or_skip("kernels_compile_and_nvrtc_errors_carry_the_log") else {
-        return;
-    };
+    let gpu = gpu("kernels_compile_and_nvrtc_errors_carry_the_log");
     let be = &gpu.backend;
     println!("{}", be.info());
     let arch = be
@@ -111,10 +111,9 @@ fn kernels_compile_and_nvrtc_errors_carry_the_log() {
 /// bits as the CPU, for every row format, at widths that take the wide path (256) and the
 /// one-column path (40); a short id buffer is an error.
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn device_ids_gather_exactly_what_the_cpu_gathers() {
-    let Some(gpu) = gpu_or_skip("device_ids_gather_exactly_what_the_cpu_gathers") else {
-        return;
-    };
+    let gpu = gpu("device_ids_gather_exactly_what_the_cpu_gathers");
     let be = &gpu.backend;
     let mut rng = Rng::new(31);
     for dtype in [
@@ -153,10 +152,9 @@ fn device_ids_gather_exactly_what_the_cpu_gathers() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn fp8_dequantization_is_exact() {
-    let Some(gpu) = gpu_or_skip("fp8_dequantization_is_exact") else {
-        return;
-    };
+    let gpu = gpu("fp8_dequantization_is_exact");
     let be = &gpu.backend;
     // Every E4M3 code against scales from the extremes (subnormal results, overflow).
     let scale_codes: Vec<u8> = vec![0, 1, 20, 100, 120, 127, 128, 135, 200, 250, 254];
@@ -196,10 +194,9 @@ fn fp8_dequantization_is_exact() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn every_placement_gathers_exactly_what_the_cpu_gathers() {
-    let Some(gpu) = gpu_or_skip("every_placement_gathers_exactly_what_the_cpu_gathers") else {
-        return;
-    };
+    let gpu = gpu("every_placement_gathers_exactly_what_the_cpu_gathers");
     let be = &gpu.backend;
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(7);
@@ -243,10 +240,9 @@ fn every_placement_gathers_exactly_what_the_cpu_gathers() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn prefetch_pipeline_overlaps_and_refuses_stale_tickets() {
-    let Some(gpu) = gpu_or_skip("prefetch_pipeline_overlaps_and_refuses_stale_tickets") else {
-        return;
-    };
+    let gpu = gpu("prefetch_pipeline_overlaps_and_refuses_stale_tickets");
     let be = &gpu.backend;
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::new(11);
@@ -390,20 +386,18 @@ fn paper_segments_check(be: &CudaBackend, cfg: &EngramConfig, seed: u64) {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn paper_layer_matches_the_reference() {
-    let Some(gpu) = gpu_or_skip("paper_layer_matches_the_reference") else {
-        return;
-    };
+    let gpu = gpu("paper_layer_matches_the_reference");
     paper_segments_check(&gpu.backend, &config(Variant::Paper, 4, 64, 16, 4, 3), 21);
     // Odd sizes: D not a multiple of the block, one branch.
     paper_segments_check(&gpu.backend, &config(Variant::Paper, 1, 300, 8, 3, 2), 22);
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn paper_decode_on_device_equals_prefill() {
-    let Some(gpu) = gpu_or_skip("paper_decode_on_device_equals_prefill") else {
-        return;
-    };
+    let gpu = gpu("paper_decode_on_device_equals_prefill");
     let be = &gpu.backend;
     let cfg = config(Variant::Paper, 2, 96, 16, 2, 3);
     let mut rng = Rng::new(5);
@@ -453,10 +447,9 @@ fn paper_decode_on_device_equals_prefill() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn v41_layer_matches_the_reference() {
-    let Some(gpu) = gpu_or_skip("v41_layer_matches_the_reference") else {
-        return;
-    };
+    let gpu = gpu("v41_layer_matches_the_reference");
     let be = &gpu.backend;
     for (g, d, head_dim, heads) in [(2, 64, 32, 2), (4, 160, 64, 1)] {
         let cfg = config(Variant::V41, g, d, head_dim, heads, 4);
@@ -510,10 +503,9 @@ fn v41_layer_matches_the_reference() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn whole_layer_from_an_fp8_table_on_every_placement() {
-    let Some(gpu) = gpu_or_skip("whole_layer_from_an_fp8_table_on_every_placement") else {
-        return;
-    };
+    let gpu = gpu("whole_layer_from_an_fp8_table_on_every_placement");
     let be = &gpu.backend;
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(Variant::V41, 2, 64, 32, 2, 4);
@@ -569,14 +561,11 @@ fn whole_layer_from_an_fp8_table_on_every_placement() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn golden_files_pass_on_the_gpu() {
-    let Some(gpu) = gpu_or_skip("golden_files_pass_on_the_gpu") else {
-        return;
-    };
+    let gpu = gpu("golden_files_pass_on_the_gpu");
     let be = &gpu.backend;
-    let Some(dir) = golden_data_or_skip("golden_files_pass_on_the_gpu") else {
-        return;
-    };
+    let dir = golden_data_dir();
     for file in [
         "forward_demo_small.safetensors",
         "forward_v41_small.safetensors",
@@ -661,10 +650,9 @@ fn golden_files_pass_on_the_gpu() {
 }
 
 #[test]
+#[ignore = "needs a CUDA device: cargo xtask test-gpu"]
 fn bad_arguments_are_errors_on_a_working_device() {
-    let Some(gpu) = gpu_or_skip("bad_arguments_are_errors_on_a_working_device") else {
-        return;
-    };
+    let gpu = gpu("bad_arguments_are_errors_on_a_working_device");
     let be = &gpu.backend;
     let cfg = config(Variant::Paper, 2, 32, 8, 2, 2);
     let mut rng = Rng::new(3);

@@ -5,14 +5,12 @@ use engram_core::checkpoint::{load_dense_table, table_spec, Checkpoint, Safetens
 use engram_core::config::EngramConfig;
 use engram_core::primes::table_layouts;
 use engram_core::table::TableStore;
-use engram_cuda::testing::golden_data_or_skip;
+use engram_cuda::testing::golden_data_dir;
 use engram_cuda::HostTable;
 
 #[test]
 fn mapped_checkpoint_tables_match_the_core_loader() {
-    let Some(dir) = golden_data_or_skip("mapped_checkpoint_tables_match_the_core_loader") else {
-        return;
-    };
+    let dir = golden_data_dir();
     for file in [
         "forward_demo_small.safetensors",
         "forward_v41_small.safetensors",

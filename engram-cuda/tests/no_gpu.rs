@@ -33,6 +33,8 @@ fn try_new_reports_a_missing_driver_or_device_as_an_error() {
     assert!(says_no_gpu(&e), "{e}");
 }
 
+/// Without a driver the error names the library; with one, the device count answers and
+/// the error for a device past it says so.
 #[test]
 fn the_error_names_the_missing_library() {
     let libs = engram_cuda::probe::libraries();
@@ -41,6 +43,15 @@ fn the_error_names_the_missing_library() {
         assert!(matches!(e, CudaBackendError::NoDriver), "{e:?}");
         assert_eq!(e.to_string(), "no CUDA driver (libcuda not found)");
         assert!(engram_cuda::probe::device_count().is_err());
+    } else {
+        match engram_cuda::probe::device_count() {
+            Ok(n) => {
+                let e = CudaBackend::try_new(n).unwrap_err();
+                assert!(e.to_string().contains("no CUDA device"), "{e}");
+            }
+            // A driver library without a usable driver (a stub, no device): said so.
+            Err(e) => assert!(says_no_gpu(&e), "{e}"),
+        }
     }
 }
 

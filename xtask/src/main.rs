@@ -52,7 +52,7 @@ enum Task {
     Ci,
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
-    /// Builds engram-cuda and runs its GPU tests (ENGRAM_REQUIRE_GPU=1) and benchmark;
+    /// Builds engram-cuda and runs its GPU tests (the ignored GPU tests included) and benchmark;
     /// fails where there is no GPU (see docs/gpu.md).
     TestGpu(test_gpu::TestGpuArgs),
     /// Fetches mistralrs-core 0.8.1, applies patches/mistralrs-core-0.8.1-engram.patch in
