@@ -87,8 +87,8 @@ impl DeviceRows {
     }
 
     /// Starts moving `row_ids` toward the device (run on the prefetch thread).
-    pub(crate) fn prefetch(&self, row_ids: &[u64]) -> Result<Prefetch, String> {
-        self.lock().prefetch(row_ids).map_err(|e| e.to_string())
+    pub(crate) fn prefetch(&self, row_ids: &[u64]) -> engram_cuda::Result<Prefetch> {
+        self.lock().prefetch(row_ids)
     }
 
     /// The layer on host buffers, its rows from `ticket`.

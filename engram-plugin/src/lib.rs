@@ -29,7 +29,7 @@ pub mod trace;
 pub use engram_core;
 
 pub use device::{CudaTables, DeviceRows};
-pub use error::{PluginError, Result};
+pub use error::{FetchError, PluginError, Result};
 pub use open::{BackendKind, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV};
 pub use runtime::{
     default_prefetch_threads, EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput,

@@ -150,8 +150,11 @@ impl EngramRuntime {
         let cuda = match options.backend {
             BackendKind::Cpu | BackendKind::Reference => None,
             BackendKind::Cuda { ordinal, tables } => {
-                let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|e| {
-                    PluginError::Step(format!("the CUDA backend was asked for: {e}"))
+                let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|source| {
+                    PluginError::Cuda {
+                        what: format!("the CUDA backend (device {ordinal}) was asked for"),
+                        source,
+                    }
                 })?;
                 Some((backend, tables))
             }
@@ -214,8 +217,9 @@ fn cuda_layer(
     weights: &LayerWeights,
 ) -> Result<RuntimeLayer> {
     let layer_id = layout.layer_id;
-    let on_gpu = |e: engram_cuda::CudaBackendError| {
-        PluginError::Step(format!("Engram layer {layer_id} on the GPU: {e}"))
+    let on_gpu = |source: engram_cuda::CudaBackendError| PluginError::Cuda {
+        what: format!("Engram layer {layer_id} on the GPU"),
+        source,
     };
     let header = SafetensorsHeader::read_file(file)?;
     header.check_complete()?;

@@ -15,6 +15,7 @@ use engram_core::table::TableStore;
 use engram_cuda::Prefetch;
 
 use crate::device::DeviceRows;
+use crate::error::FetchError;
 
 /// A layer's rows, ready for the layer.
 pub enum FetchedRows {
@@ -25,7 +26,7 @@ pub enum FetchedRows {
 }
 
 /// A layer's rows, or the error that stopped the fetch.
-pub type Fetched = std::result::Result<FetchedRows, String>;
+pub type Fetched = std::result::Result<FetchedRows, FetchError>;
 
 /// Where a fetch's result lands; the host waits on it.
 #[derive(Default)]
@@ -68,19 +69,16 @@ impl FetchJob {
         // A panicking store must not leave the host waiting forever on this slot.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if let Some(device) = &self.device {
-                return device.prefetch(&self.rows).map(FetchedRows::Device);
+                return Ok(FetchedRows::Device(device.prefetch(&self.rows)?));
             }
             let mut out = vec![0f32; self.rows.len() * self.table.width()];
-            self.table
-                .gather_f32(&self.rows, &mut out)
-                .map(|()| FetchedRows::Host(out))
-                .map_err(|e| e.to_string())
+            self.table.gather_f32(&self.rows, &mut out)?;
+            Ok(FetchedRows::Host(out))
         }))
         .unwrap_or_else(|_| {
-            Err(format!(
-                "the table store `{}` panicked while gathering",
-                self.table.name()
-            ))
+            Err(FetchError::Panicked {
+                table: self.table.name().to_string(),
+            })
         });
         self.slot.fill(result, start.elapsed());
     }

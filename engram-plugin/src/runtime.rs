@@ -153,14 +153,11 @@ impl EngramRuntime {
         }
         let pad = compression.compress_id(cfg.hash.pad_id, 0)?;
         let hasher = EngramHasher::new(&cfg.hash, compression.compressed_vocab_size(), pad)?;
-        let prefetcher =
-            if options.prefetch {
-                Some(Prefetcher::spawn(options.prefetch_threads).map_err(|e| {
-                    PluginError::Step(format!("cannot start the prefetch thread: {e}"))
-                })?)
-            } else {
-                None
-            };
+        let prefetcher = if options.prefetch {
+            Some(Prefetcher::spawn(options.prefetch_threads).map_err(PluginError::Thread)?)
+        } else {
+            None
+        };
         let trace = match &options.trace_dir {
             Some(dir) => Some(TraceWriter::create(
                 dir,
@@ -246,7 +243,10 @@ impl EngramRuntime {
                 let ids: Vec<i64> = i.tokens.iter().map(|&t| t as i64).collect();
                 self.compression
                     .compress(&ids)
-                    .map_err(|e| PluginError::Step(format!("sequence {}: {e}", i.seq_id)))
+                    .map_err(|source| PluginError::Sequence {
+                        seq_id: i.seq_id,
+                        source,
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let mut states = self.take_states(inputs)?;

@@ -94,8 +94,9 @@ impl<'r> Step<'r> {
             }
             (FetchedRows::Device(ticket), Some(device)) => device
                 .apply(ticket, hidden, dead, &mut segments, &mut out)
-                .map_err(|e| {
-                    PluginError::Step(format!("Engram layer {layer_id} on the GPU: {e}"))
+                .map_err(|source| PluginError::Cuda {
+                    what: format!("Engram layer {layer_id} on the GPU"),
+                    source,
                 })?,
             (FetchedRows::Device(_), None) => {
                 return Err(PluginError::Step(format!(
@@ -192,7 +193,7 @@ impl<'r> Step<'r> {
             };
         self.stats.fetch_time += took;
         self.stats.exposed_wait += waited;
-        fetched.map_err(|message| PluginError::Fetch { layer_id, message })
+        fetched.map_err(|source| PluginError::Fetch { layer_id, source })
     }
 
     fn close(&mut self) {

@@ -142,7 +142,14 @@ fn cuda_without_a_device_is_a_clear_error() {
         };
         EngramRuntime::open(data_path("forward_demo_small.safetensors"), options)
     };
-    let e = open_on(4096).err().unwrap().to_string();
+    let e = open_on(4096).err().unwrap();
+    // A host can tell "no GPU" from any other failure without reading the message.
+    assert!(
+        matches!(&e, engram_plugin::PluginError::Cuda { source, .. } if source.is_unavailable()),
+        "{e:?}"
+    );
+    assert!(e.is_device_unavailable());
+    let e = e.to_string();
     assert!(
         e.contains("no CUDA driver") || e.contains("no CUDA device"),
         "{e}"

@@ -15,7 +15,7 @@ use engram_core::reference::ReferenceLayer;
 use engram_core::table::{DenseTable, TableStore};
 use engram_core::testing::{random_hidden, TestRng};
 use engram_plugin::{
-    EngramRuntime, Padding, PluginError, RuntimeLayer, RuntimeOptions, SequenceInput,
+    EngramRuntime, FetchError, Padding, PluginError, RuntimeLayer, RuntimeOptions, SequenceInput,
 };
 use engram_tests::{fixture, Fixture};
 
@@ -359,11 +359,14 @@ fn errors_reach_the_host() {
         context: None,
     };
 
-    let e = rt
-        .begin_step(&[input(1, &[1, 999], 0)], &[])
-        .err()
-        .unwrap()
-        .to_string();
+    // A token the tokenizer does not have: that sequence's input, with the core's error.
+    let e = rt.begin_step(&[input(1, &[1, 999], 0)], &[]).err().unwrap();
+    assert!(
+        matches!(e, PluginError::Sequence { seq_id: 1, .. }),
+        "{e:?}"
+    );
+    assert!(!e.is_device_unavailable());
+    let e = e.to_string();
     assert!(e.contains("999") && e.contains("sequence 1"), "{e}");
     let e = rt.begin_step(&[input(2, &[1], 5)], &[]).err().unwrap();
     assert!(
@@ -418,11 +421,19 @@ fn errors_reach_the_host() {
 
     let broken = runtime_over(&fx, RuntimeOptions::default(), failing(false));
     let mut step = broken.begin_step(&[input(1, &[1, 2], 0)], &[]).unwrap();
-    let e = step
-        .apply_packed(1, &vec![0.0; 2 * c])
-        .err()
-        .unwrap()
-        .to_string();
+    let e = step.apply_packed(1, &vec![0.0; 2 * c]).err().unwrap();
+    // The store's own error crosses from the fetch thread as a value.
+    assert!(
+        matches!(
+            &e,
+            PluginError::Fetch {
+                layer_id: 1,
+                source: FetchError::Table(_)
+            }
+        ),
+        "{e:?}"
+    );
+    let e = e.to_string();
     assert!(e.contains("disk on fire") && e.contains("layer 1"), "{e}");
 }
 
@@ -442,11 +453,18 @@ fn a_panicking_store_is_an_error() {
             context: None,
         };
         let mut step = rt.begin_step(&[input], &[]).unwrap();
-        let e = step
-            .apply_packed(1, &vec![0.0; 2 * c])
-            .err()
-            .unwrap()
-            .to_string();
+        let e = step.apply_packed(1, &vec![0.0; 2 * c]).err().unwrap();
+        assert!(
+            matches!(
+                &e,
+                PluginError::Fetch {
+                    layer_id: 1,
+                    source: FetchError::Panicked { .. }
+                }
+            ),
+            "{e:?}"
+        );
+        let e = e.to_string();
         assert!(e.contains("panicked") && e.contains("layer 1"), "{e}");
     }
 }
