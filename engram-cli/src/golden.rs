@@ -1,5 +1,9 @@
 //! `engram golden`: runs every sample of a golden forward file through every layer and
-//! compares hashes and outputs with what the original implementation wrote.
+//! compares hashes and outputs with the expected values the file holds: the original
+//! implementation's outputs for the paper variant, values written from the formulas for
+//! V4.1 (`tests/data/GOLDEN.md`). Hashes must match exactly, outputs within
+//! [`PAPER_REL_TOL`] or the bf16 rule of [`V41_MAX_OFF_FRACTION`] (docs/algorithm.md
+//! section 11).
 //!
 //! Format: `tests/data/GOLDEN.md`. The config comes from the file's metadata, so any
 //! config of that format works, for both variants.

@@ -4,8 +4,8 @@
 //! The output directory is the model with Engram added: every file of the model is
 //! linked (or copied where links fail), `config.json` is the model's with an `engram`
 //! object (the golden form, read by [`EngramConfig::from_hf_config`]), and
-//! `engram.safetensors` holds the Engram layers under `layers.{L}.engram.` (SPEC
-//! section 6), exactly the tensors [`expected_layer_tensors`] lists.
+//! `engram.safetensors` holds the Engram layers under `layers.{L}.engram.` (listed
+//! in docs/algorithm.md section 10), exactly the tensors [`expected_layer_tensors`] lists.
 //!
 //! The weights are chosen so that the model still writes coherent text with Engram on:
 //! table rows are uniform in [-1, 1) (bf16), and the value projection and short conv are

@@ -98,6 +98,21 @@ fn json_report() {
     assert_eq!(v["layers"][1]["tensors"][0]["status"]["status"], "ok");
 }
 
+/// `engram inspect --json` of both bundled checkpoints, whole: what a tool reading the
+/// report gets. Run from `tests/data`, so the paths in it are the file names alone.
+#[test]
+fn json_reports_of_the_golden_checkpoints() {
+    for (snapshot, file) in [
+        ("inspect_json_demo", "forward_demo_small.safetensors"),
+        ("inspect_json_v41", "forward_v41_small.safetensors"),
+    ] {
+        let (code, out, err) =
+            common::engram_in(Path::new(common::DATA), &["inspect", file, "--json"]);
+        assert_eq!(code, 0, "{out}{err}");
+        insta::assert_snapshot!(snapshot, out);
+    }
+}
+
 /// A tensor with a wrong shape: named, with what was found and expected, exit code 1.
 #[test]
 fn wrong_shape_is_named() {
@@ -119,6 +134,7 @@ fn wrong_shape_is_named() {
         out.contains("OK       layers.1.engram.value_proj.weight"),
         "{out}"
     );
+    insta::assert_snapshot!("inspect_wrong_shape", common::redact_tmp(&out, dir.path()));
 }
 
 /// V4.1 tables one row too long, a dtype changed, a tensor dropped: each named.
@@ -151,6 +167,10 @@ fn wrong_table_rows_dtype_and_missing_tensors_are_named() {
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
+    insta::assert_snapshot!(
+        "inspect_wrong_rows_dtype_missing",
+        common::redact_tmp(&out, dir.path())
+    );
 }
 
 /// A file cut short: the header still reads, the cut tensor is named, exit code 1.
@@ -166,12 +186,14 @@ fn truncated_file_is_reported() {
         out.contains("truncated") && out.contains("tensor `"),
         "{out}"
     );
+    insta::assert_snapshot!("inspect_truncated", common::redact_tmp(&out, dir.path()));
 
     // Cut inside the header: nothing to take the config from -> an error, exit code 2.
     std::fs::write(&path, &bytes[..100]).unwrap();
     let (code, out, err) = inspect(&[path.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("cut.safetensors"), "{err}");
+    insta::assert_snapshot!("inspect_cut_header", common::redact_tmp(&err, dir.path()));
 }
 
 /// A model directory: config.json plus shards; a tensor in no shard is missing.
@@ -214,6 +236,10 @@ fn model_directory_with_shards() {
         out.contains("PROBLEM  layers.3.engram.norm2.1.weight") && out.contains("missing"),
         "{out}"
     );
+    insta::assert_snapshot!(
+        "inspect_shard_missing",
+        common::redact_tmp(&out, dir.path())
+    );
 
     // The same name in two shards is a problem too.
     write(
@@ -240,6 +266,7 @@ fn config_next_to_the_file_or_an_error() {
         err.contains("weights.safetensors") && err.contains("no Engram config"),
         "{err}"
     );
+    insta::assert_snapshot!("inspect_no_config", common::redact_tmp(&err, dir.path()));
     std::fs::write(dir.path().join("config.json"), &meta.unwrap()["meta"]).unwrap();
     let (code, out, err) = inspect(&[path.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");

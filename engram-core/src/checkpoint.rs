@@ -1,9 +1,9 @@
 //! Loading Engram layer weights from safetensors, with every tensor's name, dtype and
 //! shape checked against the config before any element is read.
 //!
-//! Names follow the original module's state_dict under `layers.{L}.engram.` (SPEC
-//! sections 6 and 7). The table itself is described by a [`TableSpec`]; backends open it
-//! their own way (in RAM, memory-mapped, on a device).
+//! Names follow the original module's state_dict under `layers.{L}.engram.` (listed in
+//! docs/algorithm.md section 10). The table itself is described by a [`TableSpec`];
+//! backends open it their own way (in RAM, memory-mapped, on a device).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
@@ -374,8 +374,8 @@ pub fn expected_table_tensors(
     }
 }
 
-/// Every tensor of one Engram layer (SPEC sections 6 and 7): the table tensors, then the
-/// weights [`load_layer_weights`] reads, with the dtypes and shapes it accepts.
+/// Every tensor of one Engram layer (docs/algorithm.md section 10): the table tensors, then
+/// the weights [`load_layer_weights`] reads, with the dtypes and shapes it accepts.
 pub fn expected_layer_tensors(
     cfg: &EngramConfig,
     layout: &LayerTableLayout,
@@ -678,7 +678,7 @@ pub fn load_dense_table(ck: &Checkpoint<'_>, spec: &TableSpec) -> Result<DenseTa
     DenseTable::new(name, spec.width, data)
 }
 
-/// Paper-variant weights of one layer, as f32 (SPEC section 6).
+/// Paper-variant weights of one layer, as f32 (docs/algorithm.md section 7).
 #[derive(Clone, Debug)]
 pub struct PaperWeights {
     /// `[hc_mult][D * E]`, row-major `[D, E]`.
@@ -694,7 +694,7 @@ pub struct PaperWeights {
     pub conv_norms: Vec<Vec<f32>>,
 }
 
-/// V4.1 weights of one layer, dequantized to f32 (SPEC section 7).
+/// V4.1 weights of one layer, dequantized to f32 (docs/algorithm.md section 8).
 #[derive(Clone, Debug)]
 pub struct V41Weights {
     /// `[(hc_mult + 1) * D, E]`: hc_mult keys, then the value.

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::error::{EngramError, Result};
 
-/// Which Engram layer the weights describe (SPEC sections 6 and 7).
+/// Which Engram layer the weights describe (docs/algorithm.md sections 7 and 8).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {

@@ -1,9 +1,9 @@
 //! Exact `x mod p` through an f64 reciprocal, in SIMD lane kernels (no division, no
 //! 128-bit multiply).
 //!
-//! The n-gram hashes (SPEC section 5) reduce a mix in `[0, 2^63)` modulo a prime; every
-//! head of an order shares the mix and has its own prime. A 64-bit `%` (or a 128-bit
-//! multiply-high) per head is scalar work, so instead, for a modulus `p` in
+//! The n-gram hashes (docs/algorithm.md section 5) reduce a mix in `[0, 2^63)` modulo a
+//! prime; every head of an order shares the mix and has its own prime. A 64-bit `%` (or a
+//! 128-bit multiply-high) per head is scalar work, so instead, for a modulus `p` in
 //! [`MIN_MODULUS`, `MAX_MODULUS`]:
 //!
 //! ```text

@@ -1,4 +1,5 @@
-//! N-gram hashing (SPEC sections 3-5): compressed token ids -> table rows, per layer.
+//! N-gram hashing (docs/algorithm.md sections 3-5): compressed token ids -> table rows,
+//! per layer.
 //!
 //! For position t, `x_k` is the compressed token at t-k. Each order n mixes one more
 //! token into a running XOR of products with the layer's odd multipliers, and every head
@@ -989,7 +990,8 @@ mod tests {
         }
     }
 
-    /// SPEC section 5 written out directly: a window per position, `rem_euclid` per head.
+    /// docs/algorithm.md section 5 written out directly: a window per position,
+    /// `rem_euclid` per head.
     fn naive_rows(
         layer: &LayerHasher,
         compressed: &[i64],

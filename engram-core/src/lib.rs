@@ -12,7 +12,7 @@
 //! - [`hashing`]: n-gram hashing of whole batches and of one sequence token by token;
 //! - [`table`], [`backend`]: the traits a backend implements (table store, layer);
 //! - [`checkpoint`]: loading and validating layer weights from safetensors;
-//! - [`reference`]: the exact f32/f64 reference forward of both layer variants;
+//! - [`reference`]: the reference forward of both layer variants (plain loops, f64 sums);
 //! - [`sequence`]: per-sequence decode state and the hashing stage of a batched step;
 //! - [`metrics`]: the error measures every check uses (NaN never passes).
 

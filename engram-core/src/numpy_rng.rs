@@ -266,7 +266,7 @@ pub fn half_bound(compressed_vocab_size: u64) -> i64 {
     q.max(1)
 }
 
-/// Engram's hash multipliers for one layer (SPEC section 3): odd numbers
+/// Engram's hash multipliers for one layer (docs/algorithm.md section 3): odd numbers
 /// `2 * r + 1` with `r` drawn by `default_rng(seed + 10007 * layer_id)`.
 pub fn layer_multipliers(
     compressed_vocab_size: u64,

@@ -1,5 +1,6 @@
-//! The reference forward of both layer variants: plain loops, f64 accumulation, written
-//! to read like SPEC sections 6 and 7. Slow on purpose; backends are checked against it.
+//! The reference forward of both layer variants: plain loops, f64 accumulation, written to
+//! read like docs/algorithm.md sections 7 and 8. Slow on purpose; backends are checked
+//! against it.
 
 use crate::backend::{check_forward_args, EngramLayer, Segment};
 use crate::checkpoint::{LayerWeights, PaperWeights, V41Weights};

@@ -5,8 +5,9 @@
 //! layer's math runs on the device.
 //!
 //! Hidden states and conv windows still cross the bus at each layer: the host hands over
-//! host (or candle) buffers, and candle's CUDA tensors are off in these builds (SPEC
-//! section 10).
+//! host (or candle) buffers, and candle's CUDA tensors are off in these builds (candle's
+//! `cuda` feature links CUDA and needs nvcc at build time; these crates must build
+//! without either).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -1,8 +1,9 @@
 //! # engram-tests
 //!
-//! Integration and snapshot tests of the whole workspace. The golden vectors from the
-//! original PyTorch implementation live in `data/` (see `data/GOLDEN.md`); this library
-//! holds what the tests share: paths to that data and small readers for it.
+//! Integration and snapshot tests of the whole workspace. The golden vectors live in
+//! `data/`: outputs of the original PyTorch implementation, and one V4.1 file written from
+//! the formulas (see `data/GOLDEN.md`); this library holds what the tests share: paths to
+//! that data and small readers for it.
 
 use std::path::PathBuf;
 

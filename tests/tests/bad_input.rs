@@ -22,6 +22,17 @@ fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> std::path::P
     path
 }
 
+/// `msg` with `tests/data` written as `[data]`, so a snapshot holds the same text wherever
+/// the repository is.
+fn redact_data(msg: &str) -> String {
+    msg.replace(&data_path("").display().to_string(), "[data]/")
+}
+
+/// [`redact_data`], and the test's temporary directory `tmp` written as `[tmp]`.
+fn redact(msg: &str, tmp: &Path) -> String {
+    redact_data(&msg.replace(&tmp.display().to_string(), "[tmp]"))
+}
+
 fn demo_meta() -> serde_json::Value {
     json!({"engram": {"engram_vocab_size": [2003, 3001], "max_ngram_size": 3, "n_embed_per_ngram": 64,
         "n_head_per_ngram": 4, "layer_ids": [1, 3], "pad_id": 2, "seed": 0, "kernel_size": 4},
@@ -70,6 +81,7 @@ fn bad_configs_name_the_field_and_file() {
             Box::new(|v| v["backbone"]["hc_mult"] = json!(-1)),
         ),
     ];
+    let mut messages = String::new();
     for (i, (field, mutate)) in cases.iter().enumerate() {
         let mut v = demo_meta();
         mutate(&mut v);
@@ -77,6 +89,7 @@ fn bad_configs_name_the_field_and_file() {
         let msg = EngramConfig::from_json_file(&path).unwrap_err().to_string();
         assert!(msg.contains(field), "case {i}: {msg}");
         assert!(msg.contains(&path.display().to_string()), "case {i}: {msg}");
+        messages += &format!("{}\n", redact(&msg, dir.path()));
     }
     let path = dir.path().join("not-json.json");
     std::fs::write(&path, "{ nope").unwrap();
@@ -85,51 +98,62 @@ fn bad_configs_name_the_field_and_file() {
         msg.contains("not-json.json") && msg.contains("JSON"),
         "{msg}"
     );
+    messages += &format!("{}\n", redact(&msg, dir.path()));
     let msg = HashConfig::from_json_file(dir.path().join("absent.json"))
         .unwrap_err()
         .to_string();
     assert!(msg.contains("absent.json"), "{msg}");
+    messages += &format!("{}\n", redact(&msg, dir.path()));
+    insta::assert_snapshot!(messages);
 }
 
 #[test]
 fn bad_tokenizer_paths_are_named() {
-    let msg = TokenizerContext::load(Path::new("/no/such/tokenizer.json"))
+    let absent = TokenizerContext::load(Path::new("/no/such/tokenizer.json"))
         .err()
         .unwrap()
         .to_string();
-    assert!(msg.contains("/no/such/tokenizer.json"), "{msg}");
-    let msg = TokenizerContext::load(&data_path("multipliers.json"))
+    assert!(absent.contains("/no/such/tokenizer.json"), "{absent}");
+    let not_a_tokenizer = TokenizerContext::load(&data_path("multipliers.json"))
         .err()
         .unwrap()
         .to_string();
-    assert!(msg.contains("multipliers.json"), "{msg}");
+    assert!(
+        not_a_tokenizer.contains("multipliers.json"),
+        "{not_a_tokenizer}"
+    );
+    insta::assert_snapshot!(format!("{absent}\n{}", redact_data(&not_a_tokenizer)));
 }
 
 #[test]
 fn ids_out_of_range_are_named() {
     let ctx = tokenizer();
-    let msg = ctx
+    let token = ctx
         .compression
         .compress(&[5, 129_280])
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("129280") && msg.contains("position 1"),
-        "{msg}"
+        token.contains("129280") && token.contains("position 1"),
+        "{token}"
     );
     let cfg = EngramConfig::from_golden_meta(&demo_meta()).unwrap().hash;
     let hasher = EngramHasher::new(&cfg, 99_092, 2).unwrap();
     let mut out = vec![0u64; 3 * hasher.heads()];
-    let msg = hasher
+    let compressed = hasher
         .hash_sequence(0, &[1, 99_092, 3], None, false, &mut out)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("99092") && msg.contains("position 1"), "{msg}");
-    let msg = hasher
+    assert!(
+        compressed.contains("99092") && compressed.contains("position 1"),
+        "{compressed}"
+    );
+    let short = hasher
         .hash_sequence(0, &[1, 2], None, false, &mut out)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("hash output"), "{msg}");
+    assert!(short.contains("hash output"), "{short}");
+    insta::assert_snapshot!(format!("{token}\n{compressed}\n{short}"));
 }
 
 /// Rewrites the demo golden file with one tensor replaced (or removed).
@@ -186,6 +210,7 @@ fn bad_weights_name_the_tensor() {
             "shape",
         ),
     ];
+    let mut messages = String::new();
     for (name, replace, problem) in cases {
         let path = golden_with(dir.path(), name, replace);
         let msg = format!(
@@ -196,13 +221,16 @@ fn bad_weights_name_the_tensor() {
         );
         assert!(msg.contains(name) && msg.contains(problem), "{name}: {msg}");
         assert!(msg.contains("broken.safetensors"), "{msg}");
+        messages += &format!("{}\n", redact(&msg, dir.path()));
     }
+    insta::assert_snapshot!(messages);
 }
 
 #[test]
 fn truncated_weights_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(data_path("forward_demo_small.safetensors")).unwrap();
+    let mut messages = String::new();
     for cut in [4, 100, bytes.len() / 2, bytes.len() - 1] {
         let path = dir.path().join(format!("cut{cut}.safetensors"));
         std::fs::write(&path, &bytes[..cut]).unwrap();
@@ -213,5 +241,7 @@ fn truncated_weights_file_is_refused() {
                 .unwrap()
         );
         assert!(msg.contains(&format!("cut{cut}.safetensors")), "{msg}");
+        messages += &format!("{}\n", redact(&msg, dir.path()));
     }
+    insta::assert_snapshot!(messages);
 }

@@ -1,5 +1,6 @@
 //! `engram golden` on the golden forward files: every hash matches and every output is
-//! within the tolerance of the original implementation, for each backend.
+//! within the stated tolerance of the file's expected outputs (docs/algorithm.md section
+//! 11), for each backend.
 
 use engram_cli::golden::{run_golden, GoldenBackend};
 use engram_core::config::Variant;

@@ -1,5 +1,6 @@
 //! `engram hash` against the original implementation's hashes for the demo config
-//! (`data/hash_demo_default.json`), and the V4.1 hashing against SPEC's known vector.
+//! (`data/hash_demo_default.json`), and the V4.1 hashing against a known vector
+//! (docs/algorithm.md section 11).
 
 use engram_cli::text::hash_json;
 use engram_core::config::HashConfig;
@@ -74,7 +75,8 @@ fn demo_multipliers_and_primes() {
     }
 }
 
-/// SPEC section 7: DeepSeek's `engram.py` on raw ids [0, 3], layer 1, offsets added.
+/// Row ids reported from a run of DeepSeek's `engram.py` on raw ids [0, 3], layer 1,
+/// offsets added (where they come from: docs/algorithm.md section 11).
 #[test]
 fn v41_known_vector() {
     let cfg = HashConfig {

@@ -1,5 +1,5 @@
 //! Opening the runtime from files on disk and running the golden samples through it as
-//! a host would: the outputs equal the original implementation's.
+//! a host would: the outputs are within tolerance of the golden files' expected outputs.
 
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;

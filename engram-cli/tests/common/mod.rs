@@ -34,16 +34,35 @@ pub fn fake_model(dir: &Path) -> PathBuf {
     model
 }
 
+/// `tests/data` of the repository: the golden checkpoints.
+pub const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/data");
+
+/// Runs `engram ARGS`: (exit code, stdout, stderr).
 pub fn engram(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_engram"))
+    run(Command::new(env!("CARGO_BIN_EXE_engram")).args(args))
+}
+
+/// [`engram`] with `dir` as the working directory, so that relative paths in the output
+/// are the same on every machine.
+pub fn engram_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    run(Command::new(env!("CARGO_BIN_EXE_engram"))
         .args(args)
-        .output()
-        .expect("engram runs");
+        .current_dir(dir))
+}
+
+fn run(command: &mut Command) -> (i32, String, String) {
+    let out = command.output().expect("engram runs");
     (
         out.status.code().expect("exited"),
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
     )
+}
+
+/// `text` with the temporary directory `dir` written as `[tmp]`, for snapshots that must
+/// not depend on where the test ran.
+pub fn redact_tmp(text: &str, dir: &Path) -> String {
+    text.replace(&dir.display().to_string(), "[tmp]")
 }
 
 /// `engram init-checkpoint` with a tiny vocabulary; `extra` adds flags.

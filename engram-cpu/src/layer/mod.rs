@@ -4,8 +4,10 @@
 //! paper variant the short conv), parallel over tokens when the batch is large.
 //!
 //! - `matmul`: the GEMM;
-//! - `paper`: SPEC section 6 (keys + value, gate, short conv with per-sequence state);
-//! - `v41`: SPEC section 7 (fused wkv, bf16 kv, gate, bf16 output, dead tokens);
+//! - `paper`: docs/algorithm.md section 7 (keys + value, gate, short conv with
+//!   per-sequence state);
+//! - `v41`: docs/algorithm.md section 8 (fused wkv, bf16 kv, gate, bf16 output, dead
+//!   tokens);
 //! - `scratch`: work buffers reused across forwards.
 
 mod matmul;

@@ -1,6 +1,6 @@
-//! The paper variant's layer math (SPEC section 6): one GEMM for every branch's key and
-//! the shared value, a fused per-token gate that writes `val` and its normalized form `z`,
-//! then the depthwise dilated causal short conv with SiLU over `z`.
+//! The paper variant's layer math (docs/algorithm.md section 7): one GEMM for every
+//! branch's key and the shared value, a fused per-token gate that writes `val` and its
+//! normalized form `z`, then the depthwise dilated causal short conv with SiLU over `z`.
 
 use engram_core::backend::{Segment, ShortConvState};
 use engram_core::checkpoint::PaperWeights;

@@ -1,6 +1,6 @@
-//! The DeepSeek-V4.1 layer math (SPEC section 7): one GEMM with the dequantized fused
-//! `wkv`, kv rounded to bf16, then per token and branch the gate and the bf16-rounded
-//! update `x + g * value`. Dead tokens pass through unchanged.
+//! The DeepSeek-V4.1 layer math (docs/algorithm.md section 8): one GEMM with the
+//! dequantized fused `wkv`, kv rounded to bf16, then per token and branch the gate and the
+//! bf16-rounded update `x + g * value`. Dead tokens pass through unchanged.
 
 use engram_core::checkpoint::V41Weights;
 use engram_core::config::{EngramConfig, GATE_SCORE_CLAMP};

@@ -1,5 +1,5 @@
-// The paper variant's short conv (SPEC section 6) over a batch of segments, and the
-// per-sequence window of z rows it remembers.
+// The paper variant's short conv (docs/algorithm.md section 7) over a batch of segments,
+// and the per-sequence window of z rows it remembers.
 //
 // Tokens of all segments are back to back. seg_of[t] / pos_of[t]: the segment of token t
 // and its position inside it. hist[s]: device address of segment s's window ([H, C]

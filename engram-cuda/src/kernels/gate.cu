@@ -3,7 +3,8 @@
 // kv: [tokens, (G+1)*D], the projections E @ W^T: G keys (branch h at columns h*D..),
 // then the shared value (columns G*D..).
 
-// Paper variant (SPEC section 6). bias: [(G+1)*D] (key biases, then the value bias).
+// Paper variant (docs/algorithm.md section 7).
+// bias: [(G+1)*D] (key biases, then the value bias).
 //   k = kv_key + bk;  s = sum(rms(k; norm1) * rms(x; norm2)) / sqrt(D)  (eps = gate_eps)
 //   s = sign(s) * sqrt(max(|s|, clamp)), sign(0) = 0;  a = sigmoid(s)
 //   val = a * (kv_value + bv);  z = rms(val; conv_norm, conv_eps)  (the short conv's input)
@@ -58,7 +59,8 @@ extern "C" __global__ void engram_paper_gate(
     }
 }
 
-// DeepSeek-V4.1 (SPEC section 7). wqk: [G*D], the f32 product q_weight * k_weight.
+// DeepSeek-V4.1 (docs/algorithm.md section 8).
+// wqk: [G*D], the f32 product q_weight * k_weight.
 //   key, value: kv rounded to bf16;  rstd = rsqrt(mean(x^2)+eps) * rsqrt(mean(key^2)+eps)
 //   dot = sum(x * wqk * key) * rstd / sqrt(D);  g = sigmoid(copysign(sqrt(max(|dot|, clamp)), dot))
 //   out = bf16(x + g * value); dead tokens (dead[t] != 0) pass through unchanged.
