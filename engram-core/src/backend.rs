@@ -111,13 +111,6 @@ pub trait EngramLayer: Send + Sync {
     ) -> Result<()>;
 }
 
-/// A backend: where tables live and where the layer math runs.
-pub trait Backend {
-    type Table: TableStore;
-    type Layer: EngramLayer;
-    fn name(&self) -> &'static str;
-}
-
 /// Checks the buffers handed to [`EngramLayer::forward`]; returns the token count.
 pub fn check_forward_args(
     cfg: &EngramConfig,

@@ -403,14 +403,6 @@ impl CudaBackend {
     }
 }
 
-impl engram_core::backend::Backend for CudaBackend {
-    type Table = crate::host_table::HostTable;
-    type Layer = crate::layer::CudaLayer;
-    fn name(&self) -> &'static str {
-        "cuda"
-    }
-}
-
 /// The device address of a host pointer registered with `cuMemHostRegister`.
 pub(crate) fn mapped_device_ptr(host: *mut std::ffi::c_void) -> Result<u64> {
     let mut dptr: sys::CUdeviceptr = 0;
