@@ -711,6 +711,50 @@ pub enum LayerWeights {
     V41(V41Weights),
 }
 
+impl LayerWeights {
+    /// Checks that the weights are of `cfg`'s variant and every vector has the length
+    /// `cfg` gives it (an error naming the first one that does not).
+    pub fn check(&self, cfg: &EngramConfig) -> Result<()> {
+        let (g, d, e) = (cfg.hc_mult, cfg.hidden_size, cfg.embed_dim());
+        let len = |what: &str, got: usize, want: usize| -> Result<()> {
+            if got == want {
+                Ok(())
+            } else {
+                Err(EngramError::shape(what, want.to_string(), got))
+            }
+        };
+        let each = |what: &str, v: &[Vec<f32>], want: usize| -> Result<()> {
+            len(what, v.len(), g)?;
+            v.iter().try_for_each(|x| len(what, x.len(), want))
+        };
+        match (self, cfg.variant) {
+            (LayerWeights::Paper(w), Variant::Paper) => {
+                each("key projection weights", &w.key_weight, d * e)?;
+                each("key projection biases", &w.key_bias, d)?;
+                len("value projection weight", w.value_weight.len(), d * e)?;
+                len("value projection bias", w.value_bias.len(), d)?;
+                each("norm1", &w.norm1, d)?;
+                each("norm2", &w.norm2, d)?;
+                len(
+                    "short-conv weight",
+                    w.conv_weight.len(),
+                    g * d * cfg.kernel_size,
+                )?;
+                each("short-conv norms", &w.conv_norms, d)
+            }
+            (LayerWeights::V41(w), Variant::V41) => {
+                len("wkv", w.wkv.len(), (g + 1) * d * e)?;
+                len("q_weight", w.q_weight.len(), g * d)?;
+                len("k_weight", w.k_weight.len(), g * d)
+            }
+            _ => Err(EngramError::config(
+                "variant",
+                "weights are for the other variant",
+            )),
+        }
+    }
+}
+
 /// Loads and checks the non-table weights of layer `layer_id`.
 pub fn load_layer_weights(
     ck: &Checkpoint<'_>,

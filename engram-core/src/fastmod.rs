@@ -403,19 +403,11 @@ mod tests {
             (1 << 61) - 1,
             MAX_MODULUS,
         ];
-        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rng = crate::testing::TestRng::new(0);
         for bits in 14..=62 {
-            rng = splitmix(rng);
-            m.push((1u64 << (bits - 1)) | (rng >> (65 - bits)));
+            m.push((1u64 << (bits - 1)) | (rng.next_u64() >> (65 - bits)));
         }
         m
-    }
-
-    fn splitmix(mut z: u64) -> u64 {
-        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 
     /// Edge values of x for modulus p: 0, p-1, p, multiples and their neighbours, the top
@@ -490,14 +482,11 @@ mod tests {
 
     #[test]
     fn random_values_match_the_remainder_operator() {
-        let mut rng = 42u64;
+        let mut rng = crate::testing::TestRng::new(42);
         for p in moduli() {
             let xs: Vec<u64> = (0..4099)
-                .map(|i| {
-                    rng = splitmix(rng);
-                    // Mix full-range values with values of every magnitude.
-                    (rng >> 1) >> (i % 63)
-                })
+                // Mix full-range values with values of every magnitude.
+                .map(|i| (rng.next_u64() >> 1) >> (i % 63))
                 .collect();
             check(&xs, p);
         }

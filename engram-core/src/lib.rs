@@ -14,7 +14,9 @@
 //! - [`checkpoint`]: loading and validating layer weights from safetensors;
 //! - [`reference`]: the reference forward of both layer variants (plain loops, f64 sums);
 //! - [`sequence`]: per-sequence decode state and the hashing stage of a batched step;
-//! - [`metrics`]: the error measures every check uses (NaN never passes).
+//! - [`metrics`]: the error measures every check uses (NaN never passes);
+//! - [`golden`]: the inputs of a golden forward file;
+//! - `testing` (feature `testing`): the test kit and the conformance suite every backend runs.
 
 pub mod backend;
 pub mod checkpoint;
@@ -23,6 +25,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod fastmod;
+pub mod golden;
 pub mod hashing;
 pub mod metrics;
 pub mod numpy_rng;
@@ -30,6 +33,7 @@ pub mod primes;
 pub mod reference;
 pub mod sequence;
 pub mod table;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use error::{EngramError, Result};

@@ -4,11 +4,9 @@
 
 use crate::backend::{check_forward_args, EngramLayer, Segment};
 use crate::checkpoint::{LayerWeights, PaperWeights, V41Weights};
-use crate::config::{
-    EngramConfig, Variant, GATE_SCORE_CLAMP, PAPER_CONV_NORM_EPS, PAPER_GATE_NORM_EPS,
-};
+use crate::config::{EngramConfig, GATE_SCORE_CLAMP, PAPER_CONV_NORM_EPS, PAPER_GATE_NORM_EPS};
 use crate::dtype::round_bf16;
-use crate::error::{EngramError, Result};
+use crate::error::Result;
 
 /// One Engram layer computed by the reference math.
 #[derive(Clone, Debug)]
@@ -21,16 +19,7 @@ pub struct ReferenceLayer {
 impl ReferenceLayer {
     pub fn new(cfg: EngramConfig, layer_id: usize, weights: LayerWeights) -> Result<Self> {
         cfg.layer_index(layer_id)?;
-        let ok = matches!(
-            (&weights, cfg.variant),
-            (LayerWeights::Paper(_), Variant::Paper) | (LayerWeights::V41(_), Variant::V41)
-        );
-        if !ok {
-            return Err(EngramError::config(
-                "variant",
-                "weights are for the other variant",
-            ));
-        }
+        weights.check(&cfg)?;
         Ok(Self {
             cfg,
             layer_id,

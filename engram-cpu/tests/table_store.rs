@@ -17,23 +17,7 @@ use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 use serde_json::json;
 
-/// splitmix64: deterministic test data without a rand dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use engram_core::testing::TestRng as Rng;
 
 fn paper_cfg() -> EngramConfig {
     EngramConfig::from_golden_meta(&json!({
@@ -79,7 +63,7 @@ fn table_tensors(
     width: usize,
     seed: u64,
 ) -> Vec<Tensor> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let p = format!("layers.{}.engram.", layout.layer_id);
     let mut out: Vec<Tensor> = vec![
         (format!("{p}aaa.before"), Dtype::U8, vec![13], rng.bytes(13)),
@@ -144,7 +128,7 @@ fn good_file(dir: &Path, cfg: &EngramConfig, row_dtype: Dtype) -> (PathBuf, Laye
 }
 
 fn random_ids(rows: u64, n: usize, seed: u64) -> Vec<u64> {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let mut ids: Vec<u64> = (0..n).map(|_| rng.below(rows)).collect();
     ids.extend([0, rows - 1, 0, rows - 1]);
     ids
@@ -540,4 +524,32 @@ fn opening_a_100_gb_table_is_instant() {
     if let Some(g) = grown {
         assert!(g < 1 << 30, "resident memory grew by {g} bytes");
     }
+}
+
+/// The store suite every table store runs (`engram_core::testing::conformance`), on a
+/// table read into RAM and on one memory-mapped, for every row format.
+#[test]
+fn cpu_tables_pass_the_store_suite() {
+    use engram_core::testing::conformance::{check_store, RawTable};
+    let all = [
+        RowDtype::F32,
+        RowDtype::BF16,
+        RowDtype::F16,
+        RowDtype::F8E4M3Scaled,
+    ];
+    let ram = |raw: &RawTable| -> Box<dyn TableStore> {
+        let (bytes, spec) = raw.to_safetensors();
+        Box::new(CpuTable::from_bytes("ram.safetensors", &bytes, &spec).unwrap())
+    };
+    check_store(&ram, &all);
+    let dir = tempfile::tempdir().unwrap();
+    let mapped = |raw: &RawTable| -> Box<dyn TableStore> {
+        let (bytes, spec) = raw.to_safetensors();
+        let path = dir
+            .path()
+            .join(format!("{}-{}.safetensors", raw.dtype, raw.rows));
+        std::fs::write(&path, bytes).unwrap();
+        Box::new(CpuTable::open_mmap(&path, &spec).unwrap())
+    };
+    check_store(&mapped, &all);
 }

@@ -42,3 +42,32 @@ fn mapped_checkpoint_tables_match_the_core_loader() {
         }
     }
 }
+
+/// The store suite every table store runs (`engram_core::testing::conformance`), for
+/// every row format `HostTable` holds (CPU only: the bytes a device placement reads).
+#[test]
+fn host_tables_pass_the_store_suite() {
+    use engram_core::dtype::RowDtype;
+    use engram_core::testing::conformance::{check_store, RawTable};
+    let make = |raw: &RawTable| -> Box<dyn TableStore> {
+        Box::new(
+            HostTable::from_raw(
+                "host",
+                raw.dtype,
+                raw.width,
+                &raw.values,
+                raw.scales.as_deref(),
+            )
+            .unwrap(),
+        )
+    };
+    check_store(
+        &make,
+        &[
+            RowDtype::F32,
+            RowDtype::BF16,
+            RowDtype::F16,
+            RowDtype::F8E4M3Scaled,
+        ],
+    );
+}

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::{EngramConfig, Variant};
+use engram_core::golden::GoldenSample;
 use engram_core::metrics::relative_error;
-use engram_core::testing::GoldenSample;
 use engram_cpu::table::TableMode;
 use engram_cuda::testing::{golden_data_dir, gpu};
 use engram_plugin::{

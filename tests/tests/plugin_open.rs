@@ -3,8 +3,8 @@
 
 use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
+use engram_core::golden::GoldenSample;
 use engram_core::metrics::relative_error;
-use engram_core::testing::GoldenSample;
 use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
 use engram_tests::{data_path, tokenizer_path};
 
