@@ -295,16 +295,19 @@ fn exact_block(scale: u8, values: &[u8]) -> bool {
     (10..=246).contains(&scale) && !values.iter().any(|&b| b & 0x7f == 0x7f)
 }
 
-/// How a gather writes its output rows.
+/// How a gather writes its output rows (public so that `engram bench` can copy with the
+/// same stores for its memcpy baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutputStores {
+pub enum OutputStores {
     /// Ordinary stores: the output stays in cache for whoever reads it next (one step's
     /// rows, read by the gate right after).
     Cached,
     /// Non-temporal stores, straight to memory. For outputs larger than the largest cache,
     /// which could not stay cached anyway: an ordinary store first reads each output line
     /// from memory (write-allocate), so a gather moves 3 bytes per byte copied instead of 2.
-    /// memcpy does the same for large copies. Measured (`engram bench`: random 128-byte
+    /// glibc's memcpy does the same above its non-temporal threshold (derived from the
+    /// shared cache size it detects: 192 MiB on a 32 MiB-L3 VM, so not for every copy
+    /// this large). Measured (`engram bench`: random 128-byte
     /// rows, table 4x the L3, 600 MB out, 5 runs each): 0.91-1.15x memcpy, against
     /// 0.66-0.83x with ordinary stores (docs/benchmarks.md).
     Streaming,
