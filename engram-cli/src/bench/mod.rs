@@ -1,29 +1,33 @@
-//! `engram bench --json`: throughput of each stage, each measured against a baseline in
-//! the same run (ratios, not absolute claims). Runs in well under a minute on 2 cores.
+//! `engram bench`: throughput of each stage, each measured against a baseline in the
+//! same run (ratios, not absolute claims), printed as a table or, with `--json`, as one
+//! JSON object. Runs in about a minute on 2 cores.
+
+mod gather;
+mod prefetch;
+pub mod smollm2;
+mod text;
 
 use std::hint::black_box;
 use std::io::Write;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use engram_core::backend::{EngramLayer, Segment};
 use engram_core::checkpoint::TableSpec;
-use engram_core::compress::VocabCompression;
 use engram_core::config::{EngramConfig, HashConfig, Variant};
 use engram_core::dtype::RowDtype;
 use engram_core::hashing::{EngramHasher, NgramHasher};
-use engram_core::primes::table_layouts;
-use engram_core::table::TableStore;
 use engram_core::testing::{random_hidden, random_weights, TestRng};
 use engram_cpu::layer::CpuLayer;
-use engram_cpu::table::AlignedBytes;
-use engram_cpu::{largest_cache_bytes, CpuTable};
-use engram_plugin::{EngramRuntime, RuntimeLayer, RuntimeOptions, SequenceInput};
+use engram_cpu::CpuTable;
 use serde::Serialize;
 
-/// Everything `engram bench --json` prints.
-#[derive(Debug, Serialize)]
+pub use gather::{GatherReport, Throughputs};
+pub use prefetch::{ModelLayerTime, PrefetchBench, PrefetchRun};
+pub use text::format_text;
+
+/// Everything `engram bench` measures.
+#[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     /// Tokens hashed per second, one thread, V4.1 hash config (layers [1, 14], orders
     /// 2-4, 8 heads, table vocab 16,000,000 per order, compressed vocab 99,092): both
@@ -32,71 +36,27 @@ pub struct BenchReport {
     /// The same, decode-shaped: 64 sequences advancing one token per step, each step
     /// hashing through the per-sequence history (`hash_step`).
     pub hash_decode_tokens_per_s: f64,
-    /// Gather throughput in GB/s (bytes of rows copied per second): random rows, stored
-    /// as f32, of a table of 4x the largest CPU cache (at least 256 MiB, at most 2 GiB)
-    /// read into RAM (`TableMode::Ram`: huge pages where the kernel offers them), 2x the
-    /// largest cache (64 MiB to 1 GiB) of rows per pass into one page-aligned output (so
-    /// the gather streams it to memory, as memcpy does at that size), all threads, best
-    /// of 5 passes; keyed by row bytes (128, 256, 512, 1024).
-    pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
-    /// `gather_gb_per_s_by_row_bytes` at 128-byte rows, the smallest size the target names.
-    pub gather_gb_per_s: f64,
-    /// The same gathers from the same file memory-mapped (`TableMode::Mmap`, page cache
-    /// warmed; rows 64-byte aligned in the file, as `engram init-checkpoint` writes them):
-    /// what a table served from disk costs once its rows are cached.
-    pub gather_mmap_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
-    /// `gather_mmap_gb_per_s_by_row_bytes` at 128-byte rows.
-    pub gather_mmap_gb_per_s: f64,
-    /// One sequential `copy_from_slice` of the same bytes per pass out of the RAM table
-    /// into the gathers' output, one thread, best of 5: the memory bandwidth baseline for
-    /// the gather.
-    pub memcpy_gb_per_s: f64,
-    /// gather / memcpy at 128-byte rows (RAM table).
-    pub gather_vs_memcpy: f64,
-    /// gather from the memory-mapped table / memcpy at 128-byte rows.
-    pub gather_mmap_vs_memcpy: f64,
+    /// Gather vs memcpy, at one thread and at all threads (its keys are top-level).
+    #[serde(flatten)]
+    pub gather: GatherReport,
     /// Paper-variant layer (hidden 1024, hc_mult 1, orders 2-3 x 8 heads x 64 columns =
     /// 1024 embedding columns, kernel 4) over a batch of 512 tokens, embeddings given:
-    /// tokens per second of `CpuLayer::forward`.
+    /// tokens per second of `CpuLayer::forward`, all threads.
     pub layer_tokens_per_s: f64,
     /// The simulated host (see [`PrefetchBench`]).
     pub prefetch: PrefetchBench,
-    /// Threads of the rayon pool the gather and the layer use.
+    /// Threads of the rayon pool ("all threads").
     pub threads: usize,
 }
 
-/// The runtime's prefetch under a simulated host: each step the host computes (a spin
-/// of `host_work_ms`) before reaching the Engram layer; rows (512 tokens x 16 heads,
-/// 256-byte bf16 rows, from a memory-mapped 245 MiB table) are fetched meanwhile on the
-/// runtime's prefetch pool (`RuntimeOptions::prefetch_threads` at its default, half the
-/// cores). The host (its spin and the layer math) runs on one core.
-#[derive(Debug, Serialize)]
-pub struct PrefetchBench {
-    pub steps: u64,
-    /// Threads of the runtime's prefetch pool.
-    pub prefetch_threads: usize,
-    /// Mean time to gather one step's rows on the prefetch threads with the host idle
-    /// (waiting for the rows), over a 30-step calibration run.
-    pub fetch_ms_idle_host: f64,
-    /// Mean time to gather one step's rows on the prefetch threads while the host works
-    /// (a 30-step calibration run whose host work is 4 x `fetch_ms_idle_host`): the
-    /// fetch time the host's work must cover.
-    pub fetch_ms: f64,
-    /// The host's work before the Engram layer (1.5 x fetch_ms).
-    pub host_work_ms: f64,
-    /// Mean gather time per step while the host worked (contention shows here).
-    pub fetch_ms_during_run: f64,
-    /// The slowest step's gather while the host worked.
-    pub max_fetch_ms_during_run: f64,
-    /// Mean time the host waited for rows per step, with prefetch on.
-    pub exposed_ms: f64,
-    /// exposed / fetch time over all steps, with prefetch on.
-    pub exposed_fraction: f64,
-    /// Steps whose gather took no longer than the host's work (the others were slowed
-    /// by something else on the machine, so no prefetch could hide them).
-    pub covered_steps: u64,
-    /// exposed / fetch time over those steps: the target (<= 0.05) is about these.
-    pub covered_exposed_fraction: f64,
+/// What `engram bench` prints: the report as a plain-text table, or with `json` as one
+/// pretty-printed JSON object.
+pub fn render(report: &BenchReport, json: bool) -> Result<String> {
+    Ok(if json {
+        serde_json::to_string_pretty(report)? + "\n"
+    } else {
+        format_text(report)
+    })
 }
 
 const V41_COMPRESSED_VOCAB: usize = 99_092;
@@ -116,21 +76,12 @@ fn v41_hash_config() -> HashConfig {
 /// Runs every benchmark; `scratch` is a directory for the table files.
 pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
     let (hash_tokens_per_s, hash_decode_tokens_per_s) = bench_hash()?;
-    let gather = bench_gather(scratch)?;
-    let (gather_gb_per_s, gather_mmap_gb_per_s) = (gather.ram[0].1, gather.mmap[0].1);
-    let memcpy_gb_per_s = gather.memcpy_gb_per_s;
     Ok(BenchReport {
         hash_tokens_per_s,
         hash_decode_tokens_per_s,
-        gather_gb_per_s,
-        memcpy_gb_per_s,
-        gather_vs_memcpy: gather_gb_per_s / memcpy_gb_per_s,
-        gather_mmap_gb_per_s,
-        gather_mmap_vs_memcpy: gather_mmap_gb_per_s / memcpy_gb_per_s,
-        gather_gb_per_s_by_row_bytes: gather.ram,
-        gather_mmap_gb_per_s_by_row_bytes: gather.mmap,
+        gather: gather::bench_gather(scratch)?,
         layer_tokens_per_s: bench_layer()?,
-        prefetch: bench_prefetch(scratch)?,
+        prefetch: prefetch::bench_prefetch(scratch)?,
         threads: rayon::current_num_threads(),
     })
 }
@@ -233,87 +184,6 @@ fn mapped_table(
     Ok(table)
 }
 
-struct GatherBench {
-    ram: Vec<(usize, f64)>,
-    mmap: Vec<(usize, f64)>,
-    memcpy_gb_per_s: f64,
-}
-
-fn bench_gather(dir: &std::path::Path) -> Result<GatherBench> {
-    // Both sides must come from memory, not cache: the table is 4x the largest cache and
-    // each pass (the gather's output, the copy's source) 2x, so no pass can stay cached
-    // for the next (a 300 MiB L3 is seen on cloud VMs).
-    let cache = largest_cache_bytes();
-    let table_bytes = (4 * cache).clamp(256 << 20, 2 << 30);
-    let pass_bytes = (2 * cache).clamp(64 << 20, 1 << 30);
-    let gb_per_s = |took: Duration| pass_bytes as f64 / took.as_secs_f64() / 1e9;
-    // One output for every pass, gathers and copy alike: page-aligned (so 64-byte
-    // aligned, as the runtime's buffers are), huge pages where offered, touched before.
-    let mut out = OutputBuffer::new(pass_bytes)?;
-    let mut result = GatherBench {
-        ram: Vec::new(),
-        mmap: Vec::new(),
-        memcpy_gb_per_s: 0.0,
-    };
-    for (i, row_bytes) in [128usize, 256, 512, 1024].into_iter().enumerate() {
-        let width = row_bytes / 4;
-        let rows = table_bytes / row_bytes;
-        let name = format!("gather{row_bytes}");
-        let mapped = mapped_table(dir, &name, rows, width, RowDtype::F32, i as u64)?;
-        let mut rng = TestRng::new(7 + i as u64);
-        let ids: Vec<u64> = (0..pass_bytes / row_bytes)
-            .map(|_| rng.below(rows as u64))
-            .collect();
-        let took = best_of(5, || Ok(mapped.gather_f32(&ids, out.f32s())?))?;
-        result.mmap.push((row_bytes, gb_per_s(took)));
-        drop(mapped);
-
-        let path = dir.join(format!("{name}.safetensors"));
-        let in_ram = CpuTable::load(&path, &bench_table_spec(rows, width, RowDtype::F32))?;
-        let took = best_of(5, || Ok(in_ram.gather_f32(&ids, out.f32s())?))?;
-        result.ram.push((row_bytes, gb_per_s(took)));
-        if i == 0 {
-            // Into the same output buffer as the gathers.
-            let src = &in_ram.values_bytes()[..pass_bytes];
-            let took = best_of(5, || {
-                out.bytes().copy_from_slice(src);
-                black_box(out.bytes());
-                Ok(())
-            })?;
-            result.memcpy_gb_per_s = gb_per_s(took);
-        }
-        std::fs::remove_file(&path).ok();
-    }
-    Ok(result)
-}
-
-/// The gathers' (and the copy's) output: the CPU backend's own RAM buffer (page-aligned,
-/// huge pages where offered), every page touched before the first pass.
-struct OutputBuffer(AlignedBytes);
-
-impl OutputBuffer {
-    fn new(bytes: usize) -> Result<Self> {
-        let mut buf = AlignedBytes::zeroed(bytes).context("bench output buffer")?;
-        buf.as_mut_slice()
-            .iter_mut()
-            .step_by(4096)
-            .for_each(|b| *b = 0);
-        Ok(Self(buf))
-    }
-
-    fn bytes(&mut self) -> &mut [u8] {
-        self.0.as_mut_slice()
-    }
-
-    fn f32s(&mut self) -> &mut [f32] {
-        let bytes = self.0.as_mut_slice();
-        let len = bytes.len() / 4;
-        // SAFETY: the buffer is page-aligned, holds at least `4 * len` initialized bytes
-        // and any bytes are a valid f32; the view borrows `self` mutably.
-        unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), len) }
-    }
-}
-
 fn bench_table_spec(rows: usize, width: usize, dtype: RowDtype) -> TableSpec {
     TableSpec {
         layer_id: 0,
@@ -360,118 +230,127 @@ fn bench_layer() -> Result<f64> {
     Ok(tokens as f64 / took.as_secs_f64())
 }
 
-fn spin(d: Duration) {
-    let t = Instant::now();
-    while t.elapsed() < d {
-        std::hint::spin_loop();
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn bench_prefetch(dir: &std::path::Path) -> Result<PrefetchBench> {
-    let mut cfg = paper_1024();
-    cfg.head_dim = 128;
-    cfg.hidden_size = 256;
-    cfg.hash.engram_vocab_size = vec![60_000, 60_000];
-    let layout = &table_layouts(&cfg.hash)[0];
-    let table: Arc<dyn TableStore> = Arc::new(mapped_table(
-        dir,
-        "prefetch",
-        layout.total_rows as usize,
-        cfg.head_dim,
-        RowDtype::BF16,
-        11,
-    )?);
-    let mut rng = TestRng::new(5);
-    let layer: Arc<dyn EngramLayer> = Arc::new(CpuLayer::new(
-        cfg.clone(),
-        1,
-        random_weights(&cfg, &mut rng),
-    )?);
-    let compression = Arc::new(VocabCompression::from_lookup((0..100_000u32).collect())?);
-    let make = |prefetch| {
-        EngramRuntime::from_parts(
-            cfg.clone(),
-            compression.clone(),
-            vec![RuntimeLayer::on_host(1, table.clone(), layer.clone())],
-            RuntimeOptions {
-                prefetch,
-                ..RuntimeOptions::default()
-            },
-        )
-    };
-    // Each calibration needs only a mean; every step also runs the layer's math on one
-    // core, which is most of this benchmark's time.
-    let (seqs, steps, calibration_steps) = (512usize, 100u64, 30u64);
-    let c = cfg.branch_channels();
-    let hidden = vec![0.25f32; seqs * c];
-    // Per-step stats, so steps where the gather outran the host's work can be told apart.
-    let run = |rt: &EngramRuntime, host_work: Duration, steps: u64| -> Result<Vec<_>> {
-        let mut per_step: Vec<engram_plugin::LookupStats> = Vec::new();
-        for s in 0..steps {
-            let tokens: Vec<[u32; 1]> = (0..seqs as u64)
-                .map(|b| [rng_token(s * 1000 + b)])
-                .collect();
-            let inputs: Vec<SequenceInput<'_>> = tokens
-                .iter()
-                .enumerate()
-                .map(|(b, t)| SequenceInput {
-                    seq_id: b as u64,
-                    tokens: t,
-                    position: s as usize,
-                    dead: None,
-                    context: None,
-                })
-                .collect();
-            let mut step = rt.begin_step(&inputs, &[])?;
-            spin(host_work);
-            step.apply_packed(1, &hidden)?;
-            per_step.push(step.finish());
+    fn run(host_work_ms: f64, exposed_fraction: f64) -> PrefetchRun {
+        PrefetchRun {
+            host_work_ms,
+            fetch_ms_during_run: 2.5,
+            max_fetch_ms_during_run: 4.0,
+            exposed_ms: 0.01,
+            exposed_fraction,
+            covered_steps: 97,
+            covered_exposed_fraction: 0.001,
         }
-        Ok(per_step)
-    };
-    // The simulated host computes on one core (its layer math too), leaving the other to
-    // the prefetch pool, as a GPU host leaves its CPU cores. Without this, rayon's idle
-    // workers spin after each layer forward and take the core the prefetch needs.
-    let host_pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let (idle_fetch, fetch, stats, per_step) = host_pool.install(|| -> Result<_> {
-        // Calibrate on the prefetch path itself, with the host waiting and with the host
-        // busy for longer than the gather: the second is the fetch time its work must
-        // cover (they differ when the host's work slows the gather).
-        let idle = make(true)?;
-        run(&idle, Duration::ZERO, calibration_steps)?;
-        let idle_fetch = idle.stats().fetch_time / calibration_steps as u32;
-        let busy = make(true)?;
-        run(&busy, idle_fetch * 4, calibration_steps)?;
-        let fetch = busy.stats().fetch_time / calibration_steps as u32;
-        let pre = make(true)?;
-        let per_step = run(&pre, fetch * 3 / 2, steps)?;
-        Ok((idle_fetch, fetch, pre.stats(), per_step))
-    })?;
-    let host_work = fetch * 3 / 2;
-    let mut covered = engram_plugin::LookupStats::default();
-    for s in per_step.iter().filter(|s| s.fetch_time <= host_work) {
-        covered.add(s);
     }
-    std::fs::remove_file(dir.join("prefetch.safetensors")).ok();
-    Ok(PrefetchBench {
-        steps,
-        prefetch_threads: RuntimeOptions::default().prefetch_threads,
-        fetch_ms_idle_host: idle_fetch.as_secs_f64() * 1e3,
-        fetch_ms: fetch.as_secs_f64() * 1e3,
-        host_work_ms: host_work.as_secs_f64() * 1e3,
-        fetch_ms_during_run: (stats.fetch_time / steps as u32).as_secs_f64() * 1e3,
-        max_fetch_ms_during_run: per_step
-            .iter()
-            .map(|s| s.fetch_time.as_secs_f64() * 1e3)
-            .fold(0.0, f64::max),
-        exposed_ms: (stats.exposed_wait / steps as u32).as_secs_f64() * 1e3,
-        exposed_fraction: stats.exposed_fraction(),
-        covered_steps: covered.steps,
-        covered_exposed_fraction: covered.exposed_fraction(),
-    })
-}
 
-/// A cheap, varied token id per step (rows spread over the table).
-fn rng_token(step: u64) -> u32 {
-    (step.wrapping_mul(2_654_435_761) % 99_991) as u32
+    /// A report with a distinct value in every figure.
+    fn sample() -> BenchReport {
+        let one = Throughputs::of(4.25, 3.75, 6.5, 6.0);
+        let all = Throughputs::of(9.5, 8.8, 7.5, 10.0);
+        BenchReport {
+            hash_tokens_per_s: 55.1e6,
+            hash_decode_tokens_per_s: 38.8e6,
+            gather: GatherReport::new(
+                256 << 20,
+                64 << 20,
+                vec![(128, 9.5), (256, 11.3)],
+                vec![(128, 8.8), (256, 10.4)],
+                one,
+                all,
+            ),
+            layer_tokens_per_s: 25_300.0,
+            prefetch: PrefetchBench {
+                steps: 100,
+                tokens_per_step: 512,
+                prefetch_threads: 1,
+                fetch_ms_idle_host: 2.61,
+                fetch_ms: 2.57,
+                host_work_from_fetch: run(3.855, 0.0022),
+                smollm2_layer: ModelLayerTime {
+                    tokens: 512,
+                    context: 128,
+                    layer_ms: 71.5,
+                    layer_ms_range: (70.0, 75.0),
+                    layer_ms_one_token: 0.45,
+                },
+                host_work_from_smollm2_layer: run(71.5, 0.0003),
+            },
+            threads: 2,
+        }
+    }
+
+    #[test]
+    fn json_has_same_thread_count_keys() {
+        let text = render(&sample(), true).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["gather_vs_memcpy_1_thread"], 4.25 / 6.5);
+        assert_eq!(v["gather_vs_memcpy_all_threads"], 0.95);
+        assert_eq!(v["gather_vs_memcpy"], 0.95);
+        assert_eq!(v["gather_mmap_vs_memcpy_1_thread"], 3.75 / 6.5);
+        assert_eq!(v["gather_mmap_vs_memcpy_all_threads"], 8.8 / 10.0);
+        assert_eq!(v["gather_mmap_vs_memcpy"], 8.8 / 10.0);
+        assert_eq!(v["memcpy_gb_per_s_1_thread"], 6.5);
+        assert_eq!(v["memcpy_gb_per_s"], 10.0);
+        assert_eq!(v["memcpy_streaming_gb_per_s_1_thread"], 6.0);
+        assert_eq!(v["memcpy_libc_gb_per_s"], 7.5);
+        assert_eq!(v["gather_gb_per_s_by_row_bytes"][1][1], 11.3);
+        let p = &v["prefetch"];
+        assert_eq!(p["host_work_from_fetch"]["host_work_ms"], 3.855);
+        assert_eq!(p["host_work_from_smollm2_layer"]["host_work_ms"], 71.5);
+        assert_eq!(p["smollm2_layer"]["layer_ms_one_token"], 0.45);
+    }
+
+    /// The line of the table that starts with `label`, split into its cells.
+    fn cells(text: &str, label: &str) -> Vec<String> {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.trim_start()
+                    .strip_prefix(label)
+                    .is_some_and(|rest| rest.starts_with("  "))
+            })
+            .unwrap_or_else(|| panic!("no line {label:?} in\n{text}"));
+        line.trim_start()[label.len()..]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn text_is_a_table_not_json() {
+        let text = render(&sample(), false).unwrap();
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
+        // Gather rows: the one-thread figure, then the all-threads one; prefetch rows:
+        // the run sized from the fetch, then the one sized from the SmolLM2 layer.
+        let expected: [(&str, &[&str]); 13] = [
+            ("gather, table in RAM", &["4.25 GB/s", "9.50 GB/s"]),
+            ("gather, table memory-mapped", &["3.75 GB/s", "8.80 GB/s"]),
+            ("memcpy: the C library's", &["6.50 GB/s", "7.50 GB/s"]),
+            (
+                "memcpy: with the gather's stores",
+                &["6.00 GB/s", "10.00 GB/s"],
+            ),
+            (
+                "memcpy: the faster (the baseline)",
+                &["6.50 GB/s", "10.00 GB/s"],
+            ),
+            ("gather in RAM / memcpy", &["0.65", "0.95"]),
+            ("gather mapped / memcpy", &["0.58", "0.88"]),
+            ("256", &["11.30 GB/s 1.13x", "10.40 GB/s 1.04x"]),
+            ("prefill: one 262,144-token sequence", &["55.10 M tokens/s"]),
+            ("host work each step", &["1.5 x fetch", "1 SmolLM2 layer"]),
+            ("host work", &["3.855 ms", "71.500 ms"]),
+            ("exposed / fetch, all steps", &["0.22%", "0.03%"]),
+            ("steps with fetch <= host work", &["97 of 100", "97 of 100"]),
+        ];
+        for (label, want) in expected {
+            assert_eq!(cells(&text, label), want, "{label}");
+        }
+        assert!(text.contains("SmolLM2-135M decoder layer, 512 tokens, context 128: 71.500 ms"));
+    }
 }
