@@ -234,7 +234,8 @@ impl Rows<'_> {
         stores: OutputStores,
     ) -> Result<(), u64> {
         // Not `for_each_row`: this loop, with the row's prefetch written out, measured
-        // 10-30% faster at 128-byte rows (0.91-1.17x memcpy against 0.74-0.99x).
+        // 10-30% faster at 128-byte rows (0.91-1.17x memcpy against 0.74-0.99x; the gather
+        // on 2 threads, memcpy on 1, as `engram bench` compared them before 94cfd4c).
         let blocks = ids.chunks(CHECK_BLOCK).zip(out.chunks_mut(CHECK_BLOCK * n));
         for (b, (block_ids, block_out)) in blocks.enumerate() {
             self.check_block(block_ids)?;
@@ -261,7 +262,8 @@ const CHECK_BLOCK: usize = 256;
 /// Rows requested ahead of the one being copied, for rows of `row_bytes`: enough to cover
 /// DRAM latency, 4 KiB of rows (32 rows of 128 bytes) and 4 to 32 rows. Into L2 (T1),
 /// which has room for more misses in flight than L1's fill buffers: measured here (random
-/// 128-byte rows, table 4x the L3) about 0.75x memcpy against 0.65x with T0 at 16 rows.
+/// 128-byte rows, table 4x the L3) about 0.75x memcpy against 0.65x with T0 at 16 rows
+/// (gather on 2 threads, memcpy on 1).
 /// A fixed 32 rows put 512 lines in flight for 1 KiB rows, more than L2 tracks.
 #[inline(always)]
 fn prefetch_distance(row_bytes: usize) -> usize {
@@ -308,8 +310,8 @@ pub enum OutputStores {
     /// glibc's memcpy does the same above its non-temporal threshold (derived from the
     /// shared cache size it detects: 192 MiB on a 32 MiB-L3 VM, so not for every copy
     /// this large). Measured (`engram bench`: random 128-byte
-    /// rows, table 4x the L3, 600 MB out, 5 runs each): 0.91-1.15x memcpy, against
-    /// 0.66-0.83x with ordinary stores (docs/benchmarks.md).
+    /// rows, table 4x the L3, 600 MB out, 5 runs each; gather on 2 threads, memcpy on 1):
+    /// 0.91-1.15x memcpy, against 0.66-0.83x with ordinary stores (docs/benchmarks.md).
     Streaming,
 }
 
