@@ -1,10 +1,10 @@
 //! `engram bench`: throughput of each stage, each measured against a baseline in the
 //! same run (ratios, not absolute claims), printed as a table or, with `--json`, as one
-//! JSON object. Runs in about a minute on 2 cores.
+//! JSON object. Runs in under a minute on 2 cores (23-40 s in docs/benchmarks.md).
 
 mod gather;
 mod prefetch;
-pub mod smollm2;
+mod smollm2;
 mod text;
 
 use std::hint::black_box;
