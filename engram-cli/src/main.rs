@@ -38,9 +38,9 @@ enum Command {
         text: String,
     },
     /// Measure each stage against a baseline in the same run (hash, gather vs memcpy,
-    /// layer, prefetch under a simulated host).
+    /// layer, prefetch under a simulated host); prints a table.
     Bench {
-        /// Print one JSON object (the only output format for now).
+        /// Print one JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
@@ -114,10 +114,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let ctx = TokenizerContext::load(&tokenizer)?;
             println!("{}", text::hash_json(&ctx, &cfg, &text)?);
         }
-        Command::Bench { json: _ } => {
+        Command::Bench { json } => {
             let scratch = tempfile::tempdir()?;
             let report = engram_cli::bench::run_bench(scratch.path())?;
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            print!("{}", engram_cli::bench::render(&report, json)?);
         }
         Command::Golden {
             tokenizer,

@@ -1,5 +1,6 @@
 //! The size of the machine's largest CPU cache: above it, an output cannot stay cached
-//! for its reader, so large gathers write it straight to memory (as memcpy does).
+//! for its reader, so large gathers write it straight to memory (as glibc's memcpy does
+//! above its own threshold).
 
 use std::sync::LazyLock;
 

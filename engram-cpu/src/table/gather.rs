@@ -234,7 +234,8 @@ impl Rows<'_> {
         stores: OutputStores,
     ) -> Result<(), u64> {
         // Not `for_each_row`: this loop, with the row's prefetch written out, measured
-        // 10-30% faster at 128-byte rows (0.91-1.17x memcpy against 0.74-0.99x).
+        // 10-30% faster at 128-byte rows (0.91-1.17x memcpy against 0.74-0.99x; the gather
+        // on 2 threads, memcpy on 1, as `engram bench` compared them before 94cfd4c).
         let blocks = ids.chunks(CHECK_BLOCK).zip(out.chunks_mut(CHECK_BLOCK * n));
         for (b, (block_ids, block_out)) in blocks.enumerate() {
             self.check_block(block_ids)?;
@@ -261,7 +262,8 @@ const CHECK_BLOCK: usize = 256;
 /// Rows requested ahead of the one being copied, for rows of `row_bytes`: enough to cover
 /// DRAM latency, 4 KiB of rows (32 rows of 128 bytes) and 4 to 32 rows. Into L2 (T1),
 /// which has room for more misses in flight than L1's fill buffers: measured here (random
-/// 128-byte rows, table 4x the L3) about 0.75x memcpy against 0.65x with T0 at 16 rows.
+/// 128-byte rows, table 4x the L3) about 0.75x memcpy against 0.65x with T0 at 16 rows
+/// (gather on 2 threads, memcpy on 1).
 /// A fixed 32 rows put 512 lines in flight for 1 KiB rows, more than L2 tracks.
 #[inline(always)]
 fn prefetch_distance(row_bytes: usize) -> usize {
@@ -295,18 +297,21 @@ fn exact_block(scale: u8, values: &[u8]) -> bool {
     (10..=246).contains(&scale) && !values.iter().any(|&b| b & 0x7f == 0x7f)
 }
 
-/// How a gather writes its output rows.
+/// How a gather writes its output rows (public so that `engram bench` can copy with the
+/// same stores for its memcpy baseline).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutputStores {
+pub enum OutputStores {
     /// Ordinary stores: the output stays in cache for whoever reads it next (one step's
     /// rows, read by the gate right after).
     Cached,
     /// Non-temporal stores, straight to memory. For outputs larger than the largest cache,
     /// which could not stay cached anyway: an ordinary store first reads each output line
     /// from memory (write-allocate), so a gather moves 3 bytes per byte copied instead of 2.
-    /// memcpy does the same for large copies. Measured (`engram bench`: random 128-byte
-    /// rows, table 4x the L3, 600 MB out, 5 runs each): 0.91-1.15x memcpy, against
-    /// 0.66-0.83x with ordinary stores (docs/benchmarks.md).
+    /// glibc's memcpy does the same above its non-temporal threshold (derived from the
+    /// shared cache size it detects: 192 MiB on a 32 MiB-L3 VM, so not for every copy
+    /// this large). Measured (`engram bench`: random 128-byte
+    /// rows, table 4x the L3, 600 MB out, 5 runs each; gather on 2 threads, memcpy on 1):
+    /// 0.91-1.15x memcpy, against 0.66-0.83x with ordinary stores (docs/benchmarks.md).
     Streaming,
 }
 

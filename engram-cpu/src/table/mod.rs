@@ -31,8 +31,8 @@ use engram_core::primes::LayerTableLayout;
 use engram_core::table::TableStore;
 use safetensors::Dtype;
 
-pub use gather::SCALE_BLOCK;
-use gather::{run_chunked, OutputStores, Rows};
+use gather::{run_chunked, Rows};
+pub use gather::{OutputStores, SCALE_BLOCK};
 pub use storage::AlignedBytes;
 use storage::{copy_ranges, map_file, read_ranges, to_usize, Storage};
 
