@@ -380,19 +380,6 @@ impl HostTable {
         }
     }
 
-    /// Checks that every id is a row of the table.
-    pub(crate) fn check_ids(&self, ids: &[u64]) -> Result<()> {
-        if let Some(&row) = ids.iter().find(|&&r| r >= self.rows) {
-            return Err(EngramError::RowOutOfRange {
-                row,
-                rows: self.rows,
-                table: self.name.clone(),
-            }
-            .into());
-        }
-        Ok(())
-    }
-
     /// Decodes one row to f32 as the model sees it.
     pub fn decode_row(&self, row: u64, out: &mut [f32]) {
         let v = self.row_values(row);

@@ -17,16 +17,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, LaunchConfig};
-use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 
+use super::base::{store_base_accessors, StoreBase};
 use super::dedupe::{FxHasher, FxMap};
 use super::pinned::{row_regions, stage_rows};
-use super::staging::{write_i64s, Layout, Ring};
-use super::{
-    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
-    Prefetch, TableStats,
-};
+use super::staging::{write_i64s, Layout};
+use super::{launch_gather, DeviceTableStore, GatherSources, Placement, Prefetch};
 use crate::backend::{CudaBackend, BLOCK, WARPS_PER_BLOCK};
 use crate::error::{CudaBackendError, Result};
 use crate::host_table::HostTable;
@@ -126,8 +123,7 @@ pub struct CachedTable {
     cache_values: CudaSlice<u8>,
     cache_scales: Option<CudaSlice<u8>>,
     planner: CachePlanner,
-    ring: Ring,
-    stats: TableStats,
+    base: StoreBase,
     map: FxMap,
     /// Highest prefetch sequence number whose inserts have been queued.
     applied_seq: u64,
@@ -145,12 +141,11 @@ impl CachedTable {
         };
         Ok(Self {
             backend: backend.clone(),
-            ring: Ring::new(backend, next_store_id())?,
+            base: StoreBase::for_table(backend, &host)?,
             host,
             cache_values,
             cache_scales,
             planner,
-            stats: TableStats::default(),
             map: FxMap::default(),
             applied_seq: 0,
         })
@@ -168,7 +163,7 @@ impl CachedTable {
     /// Queues the cache inserts of the payload in ring slot `i` on the compute stream
     /// without gathering it (its ticket becomes stale).
     fn apply_pending(&mut self, i: usize) -> Result<()> {
-        let seq = self.ring.slot(i).seq;
+        let seq = self.base.ring.slot(i).seq;
         let backend = self.backend.clone();
         let stream = backend.stream().clone();
         let (rb, sb) = (
@@ -176,7 +171,7 @@ impl CachedTable {
             self.host.scale_row_bytes() as i64,
         );
         let (cache_values, cache_scales) = (&mut self.cache_values, &mut self.cache_scales);
-        self.ring.with_payload(i, &stream, |base, layout| {
+        self.base.ring.with_payload(i, &stream, |base, layout| {
             launch_inserts(
                 &backend,
                 &stream,
@@ -244,34 +239,24 @@ fn launch_inserts(
 }
 
 impl DeviceTableStore for CachedTable {
-    fn name(&self) -> &str {
-        self.host.name()
-    }
+    store_base_accessors!();
+
     fn placement(&self) -> Placement {
         Placement::DeviceCache
     }
-    fn num_rows(&self) -> u64 {
-        self.host.num_rows()
-    }
-    fn width(&self) -> usize {
-        self.host.width()
-    }
-    fn dtype(&self) -> RowDtype {
-        self.host.dtype()
-    }
 
     fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
-        self.host.check_ids(row_ids)?;
+        self.base.check_ids(row_ids)?;
         // The planner's tags assume the inserts of the payload about to be overwritten.
-        let next = self.ring.next_slot();
-        if self.ring.slot(next).pending {
+        let next = self.base.ring.next_slot();
+        if self.base.ring.slot(next).pending {
             self.apply_pending(next)?;
         }
         let t0 = Instant::now();
         let (rb, sb) = (self.host.value_row_bytes(), self.host.scale_row_bytes());
         let plan = self.planner.plan_with(row_ids, &mut self.map);
         let layout = Layout::new(row_ids.len(), plan.misses.len(), rb, sb, plan.inserts.len());
-        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        let (slot, buf) = self.base.ring.begin(layout, row_ids.len())?;
         write_i64s(buf, layout.sources_at, plan.sources.len(), |k| {
             plan.sources[k]
         });
@@ -285,13 +270,13 @@ impl DeviceTableStore for CachedTable {
         });
         let (values, scales) = row_regions(buf, &layout, rb, sb);
         stage_rows(&self.host, &plan.misses, values, scales);
-        self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
-        let ticket = self.ring.submit(slot)?;
-        self.stats.prefetches += 1;
-        self.stats.lookups += row_ids.len() as u64;
-        self.stats.hits += plan.hits as u64;
-        self.stats.rows_transferred += plan.misses.len() as u64;
-        self.stats.bytes_transferred += layout.len as u64;
+        self.base.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
+        let ticket = self.base.ring.submit(slot)?;
+        self.base.stats.prefetches += 1;
+        self.base.stats.lookups += row_ids.len() as u64;
+        self.base.stats.hits += plan.hits as u64;
+        self.base.stats.rows_transferred += plan.misses.len() as u64;
+        self.base.stats.bytes_transferred += layout.len as u64;
         Ok(ticket)
     }
 
@@ -301,16 +286,15 @@ impl DeviceTableStore for CachedTable {
         out: &mut CudaSlice<f32>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        check_ticket(&ticket, self.ring.store, self.host.name())?;
-        let slot = self.ring.validate(&ticket)?;
-        let seq = self.ring.slot(slot).seq;
+        let slot = self.base.slot_of(&ticket)?;
+        let seq = self.base.ring.slot(slot).seq;
         if seq <= self.applied_seq {
             return Err(CudaBackendError::Invalid(
                 "cached table: prefetches must be gathered in the order they were issued".into(),
             ));
         }
         let other = slot ^ 1;
-        if self.ring.slot(other).pending && self.ring.slot(other).seq < seq {
+        if self.base.ring.slot(other).pending && self.base.ring.slot(other).seq < seq {
             // An earlier prefetch was never gathered: its inserts come first.
             self.apply_pending(other)?;
         }
@@ -322,7 +306,7 @@ impl DeviceTableStore for CachedTable {
             self.host.scale_row_bytes() as i64,
         );
         let (cache_values, cache_scales) = (&mut self.cache_values, &mut self.cache_scales);
-        self.ring.with_payload(slot, stream, |base, layout| {
+        self.base.ring.with_payload(slot, stream, |base, layout| {
             {
                 let (cv, g1) = cache_values.device_ptr_mut(stream);
                 let scales = cache_scales.as_mut().map(|s| s.device_ptr_mut(stream));
@@ -354,15 +338,8 @@ impl DeviceTableStore for CachedTable {
             )
         })?;
         self.applied_seq = seq;
-        self.stats.gathers += 1;
+        self.base.stats.gathers += 1;
         Ok(())
-    }
-
-    fn stats(&self) -> TableStats {
-        self.stats
-    }
-    fn reset_stats(&mut self) {
-        self.stats = TableStats::default();
     }
 }
 

@@ -3,14 +3,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
-use engram_core::dtype::RowDtype;
-use engram_core::table::TableStore;
 
-use super::staging::{write_i64s, Layout, Ring};
-use super::{
-    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
-    Prefetch, TableStats,
-};
+use super::base::{store_base_accessors, StoreBase};
+use super::staging::{write_i64s, Layout};
+use super::{launch_gather, DeviceTableStore, GatherSources, Placement, Prefetch};
 use crate::backend::CudaBackend;
 use crate::error::Result;
 use crate::host_table::HostTable;
@@ -19,14 +15,9 @@ use crate::host_table::HostTable;
 /// Only the row ids cross the bus, through the staging ring.
 pub struct DeviceTable {
     backend: CudaBackend,
-    name: String,
-    dtype: RowDtype,
-    rows: u64,
-    width: usize,
+    base: StoreBase,
     values: CudaSlice<u8>,
     scales: Option<CudaSlice<u8>>,
-    ring: Ring,
-    stats: TableStats,
 }
 
 impl DeviceTable {
@@ -34,17 +25,11 @@ impl DeviceTable {
     pub fn upload(backend: &CudaBackend, host: &HostTable) -> Result<Self> {
         let values = backend.upload(host.values())?;
         let scales = host.scales().map(|s| backend.upload(s)).transpose()?;
-        let store = next_store_id();
         Ok(Self {
             backend: backend.clone(),
-            name: host.name().to_string(),
-            dtype: host.dtype(),
-            rows: host.num_rows(),
-            width: host.width(),
+            base: StoreBase::for_table(backend, host)?,
             values,
             scales,
-            ring: Ring::new(backend, store)?,
-            stats: TableStats::default(),
         })
     }
 
@@ -82,49 +67,35 @@ impl DeviceTable {
             src,
             ..Default::default()
         };
-        let r = launch_gather(&self.backend, stream, srcs, out, n, self.width, self.dtype);
+        let r = launch_gather(
+            &self.backend,
+            stream,
+            srcs,
+            out,
+            n,
+            self.base.width,
+            self.base.dtype,
+        );
         drop((g1, g2, scales));
         r
-    }
-
-    fn check_ids(&self, ids: &[u64]) -> Result<()> {
-        if let Some(&row) = ids.iter().find(|&&r| r >= self.rows) {
-            return Err(engram_core::EngramError::RowOutOfRange {
-                row,
-                rows: self.rows,
-                table: self.name.clone(),
-            }
-            .into());
-        }
-        Ok(())
     }
 }
 
 impl DeviceTableStore for DeviceTable {
-    fn name(&self) -> &str {
-        &self.name
-    }
+    store_base_accessors!();
+
     fn placement(&self) -> Placement {
         Placement::Device
     }
-    fn num_rows(&self) -> u64 {
-        self.rows
-    }
-    fn width(&self) -> usize {
-        self.width
-    }
-    fn dtype(&self) -> RowDtype {
-        self.dtype
-    }
 
     fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
-        self.check_ids(row_ids)?;
+        self.base.check_ids(row_ids)?;
         let layout = Layout::new(row_ids.len(), 0, 0, 0, 0);
-        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        let (slot, buf) = self.base.ring.begin(layout, row_ids.len())?;
         write_i64s(buf, layout.sources_at, row_ids.len(), |k| row_ids[k] as i64);
-        let ticket = self.ring.submit(slot)?;
-        self.stats.prefetches += 1;
-        self.stats.bytes_transferred += layout.len as u64;
+        let ticket = self.base.ring.submit(slot)?;
+        self.base.stats.prefetches += 1;
+        self.base.stats.bytes_transferred += layout.len as u64;
         Ok(ticket)
     }
 
@@ -134,12 +105,11 @@ impl DeviceTableStore for DeviceTable {
         out: &mut CudaSlice<f32>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        check_ticket(&ticket, self.ring.store, &self.name)?;
-        let slot = self.ring.validate(&ticket)?;
+        let slot = self.base.slot_of(&ticket)?;
         let n = ticket.rows();
-        let (backend, width, dtype) = (&self.backend, self.width, self.dtype);
+        let (backend, width, dtype) = (&self.backend, self.base.width, self.base.dtype);
         let (values, scales) = (&self.values, &self.scales);
-        self.ring.with_payload(slot, stream, |base, layout| {
+        self.base.ring.with_payload(slot, stream, |base, layout| {
             let (a_values, g1) = values.device_ptr(stream);
             let scales_ptr = scales.as_ref().map(|s| s.device_ptr(stream));
             let srcs = GatherSources {
@@ -153,16 +123,9 @@ impl DeviceTableStore for DeviceTable {
             drop(scales_ptr);
             r
         })?;
-        self.stats.gathers += 1;
-        self.stats.lookups += n as u64;
-        self.stats.hits += n as u64;
+        self.base.stats.gathers += 1;
+        self.base.stats.lookups += n as u64;
+        self.base.stats.hits += n as u64;
         Ok(())
-    }
-
-    fn stats(&self) -> TableStats {
-        self.stats
-    }
-    fn reset_stats(&mut self) {
-        self.stats = TableStats::default();
     }
 }

@@ -16,6 +16,7 @@
 //! staging: two prefetches may be outstanding; a third reuses the oldest buffer and makes
 //! its ticket stale (refused with an error, never silently wrong).
 
+mod base;
 mod cache;
 mod dedupe;
 mod device;
@@ -220,14 +221,4 @@ pub(crate) fn launch_gather(
             sb,
         )
     }
-}
-
-/// Checks that a ticket belongs to `store`.
-pub(crate) fn check_ticket(ticket: &Prefetch, store: u64, name: &str) -> Result<()> {
-    if ticket.store != store {
-        return Err(CudaBackendError::Invalid(format!(
-            "a prefetch ticket of another table was handed to `{name}`"
-        )));
-    }
-    Ok(())
 }

@@ -5,16 +5,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 use rayon::prelude::*;
 
+use super::base::{store_base_accessors, StoreBase};
 use super::dedupe::Deduper;
-use super::staging::{write_i64s, Layout, Ring};
-use super::{
-    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
-    Prefetch, TableStats,
-};
+use super::staging::{write_i64s, Layout};
+use super::{launch_gather, DeviceTableStore, GatherSources, Placement, Prefetch};
 use crate::backend::CudaBackend;
 use crate::error::Result;
 use crate::host_table::HostTable;
@@ -91,8 +88,7 @@ pub(crate) fn row_regions<'a>(
 pub struct PinnedTable {
     backend: CudaBackend,
     host: HostTable,
-    ring: Ring,
-    stats: TableStats,
+    base: StoreBase,
     dedupe: Deduper,
 }
 
@@ -100,9 +96,8 @@ impl PinnedTable {
     pub fn new(backend: &CudaBackend, host: HostTable) -> Result<Self> {
         Ok(Self {
             backend: backend.clone(),
-            ring: Ring::new(backend, next_store_id())?,
+            base: StoreBase::for_table(backend, &host)?,
             host,
-            stats: TableStats::default(),
             dedupe: Deduper::default(),
         })
     }
@@ -113,39 +108,29 @@ impl PinnedTable {
 }
 
 impl DeviceTableStore for PinnedTable {
-    fn name(&self) -> &str {
-        self.host.name()
-    }
+    store_base_accessors!();
+
     fn placement(&self) -> Placement {
         Placement::PinnedHost
     }
-    fn num_rows(&self) -> u64 {
-        self.host.num_rows()
-    }
-    fn width(&self) -> usize {
-        self.host.width()
-    }
-    fn dtype(&self) -> RowDtype {
-        self.host.dtype()
-    }
 
     fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
-        self.host.check_ids(row_ids)?;
+        self.base.check_ids(row_ids)?;
         let t0 = Instant::now();
         let (rb, sb) = (self.host.value_row_bytes(), self.host.scale_row_bytes());
         let (unique, index) = self.dedupe.dedupe(row_ids);
         let layout = Layout::new(row_ids.len(), unique.len(), rb, sb, 0);
-        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        let (slot, buf) = self.base.ring.begin(layout, row_ids.len())?;
         write_i64s(buf, layout.sources_at, index.len(), |k| {
             -(index[k] as i64) - 1
         });
         let (values, scales) = row_regions(buf, &layout, rb, sb);
         stage_rows(&self.host, &unique, values, scales);
-        self.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
-        let ticket = self.ring.submit(slot)?;
-        self.stats.prefetches += 1;
-        self.stats.rows_transferred += unique.len() as u64;
-        self.stats.bytes_transferred += layout.len as u64;
+        self.base.stats.host_gather_ns += t0.elapsed().as_nanos() as u64;
+        let ticket = self.base.ring.submit(slot)?;
+        self.base.stats.prefetches += 1;
+        self.base.stats.rows_transferred += unique.len() as u64;
+        self.base.stats.bytes_transferred += layout.len as u64;
         Ok(ticket)
     }
 
@@ -155,12 +140,11 @@ impl DeviceTableStore for PinnedTable {
         out: &mut CudaSlice<f32>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        check_ticket(&ticket, self.ring.store, self.host.name())?;
-        let slot = self.ring.validate(&ticket)?;
+        let slot = self.base.slot_of(&ticket)?;
         let n = ticket.rows();
         let (backend, width, dtype) = (&self.backend, self.host.width(), self.host.dtype());
         let has_scales = self.host.scale_row_bytes() > 0;
-        self.ring.with_payload(slot, stream, |base, layout| {
+        self.base.ring.with_payload(slot, stream, |base, layout| {
             let srcs = GatherSources {
                 b_values: base + layout.values_at as u64,
                 b_scales: if has_scales {
@@ -173,21 +157,16 @@ impl DeviceTableStore for PinnedTable {
             };
             launch_gather(backend, stream, srcs, out, n, width, dtype)
         })?;
-        self.stats.gathers += 1;
-        self.stats.lookups += n as u64;
+        self.base.stats.gathers += 1;
+        self.base.stats.lookups += n as u64;
         Ok(())
-    }
-
-    fn stats(&self) -> TableStats {
-        self.stats
-    }
-    fn reset_stats(&mut self) {
-        self.stats = TableStats::default();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use engram_core::dtype::RowDtype;
+
     use super::*;
 
     #[test]

@@ -11,11 +11,9 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 
-use super::staging::{write_i64s, Layout, Ring};
-use super::{
-    check_ticket, launch_gather, next_store_id, DeviceTableStore, GatherSources, Placement,
-    Prefetch, TableStats,
-};
+use super::base::{store_base_accessors, StoreBase};
+use super::staging::{write_i64s, Layout};
+use super::{launch_gather, DeviceTableStore, GatherSources, Placement, Prefetch};
 use crate::backend::{mapped_device_ptr, CudaBackend};
 use crate::error::{CudaBackendError, DriverResultExt, Result};
 use crate::host_table::{Backing, HostTable};
@@ -108,8 +106,7 @@ pub struct ZeroCopyTable {
     regs: Vec<Registration>,
     values_dptr: u64,
     scales_dptr: u64,
-    ring: Ring,
-    stats: TableStats,
+    base: StoreBase,
 }
 
 impl ZeroCopyTable {
@@ -152,12 +149,11 @@ impl ZeroCopyTable {
         }
         Ok(Self {
             backend: backend.clone(),
-            ring: Ring::new(backend, next_store_id())?,
+            base: StoreBase::for_table(backend, &host)?,
             host,
             regs,
             values_dptr,
             scales_dptr,
-            stats: TableStats::default(),
         })
     }
 
@@ -172,30 +168,20 @@ impl ZeroCopyTable {
 }
 
 impl DeviceTableStore for ZeroCopyTable {
-    fn name(&self) -> &str {
-        self.host.name()
-    }
+    store_base_accessors!();
+
     fn placement(&self) -> Placement {
         Placement::ZeroCopy
     }
-    fn num_rows(&self) -> u64 {
-        self.host.num_rows()
-    }
-    fn width(&self) -> usize {
-        self.host.width()
-    }
-    fn dtype(&self) -> RowDtype {
-        self.host.dtype()
-    }
 
     fn prefetch(&mut self, row_ids: &[u64]) -> Result<Prefetch> {
-        self.host.check_ids(row_ids)?;
+        self.base.check_ids(row_ids)?;
         let layout = Layout::new(row_ids.len(), 0, 0, 0, 0);
-        let (slot, buf) = self.ring.begin(layout, row_ids.len())?;
+        let (slot, buf) = self.base.ring.begin(layout, row_ids.len())?;
         write_i64s(buf, layout.sources_at, row_ids.len(), |k| row_ids[k] as i64);
-        let ticket = self.ring.submit(slot)?;
-        self.stats.prefetches += 1;
-        self.stats.bytes_transferred += layout.len as u64;
+        let ticket = self.base.ring.submit(slot)?;
+        self.base.stats.prefetches += 1;
+        self.base.stats.bytes_transferred += layout.len as u64;
         Ok(ticket)
     }
 
@@ -205,12 +191,11 @@ impl DeviceTableStore for ZeroCopyTable {
         out: &mut CudaSlice<f32>,
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
-        check_ticket(&ticket, self.ring.store, self.host.name())?;
-        let slot = self.ring.validate(&ticket)?;
+        let slot = self.base.slot_of(&ticket)?;
         let n = ticket.rows();
         let (backend, width, dtype) = (&self.backend, self.host.width(), self.host.dtype());
         let (a_values, a_scales) = (self.values_dptr, self.scales_dptr);
-        self.ring.with_payload(slot, stream, |base, layout| {
+        self.base.ring.with_payload(slot, stream, |base, layout| {
             let srcs = GatherSources {
                 a_values,
                 a_scales,
@@ -220,17 +205,10 @@ impl DeviceTableStore for ZeroCopyTable {
             launch_gather(backend, stream, srcs, out, n, width, dtype)
         })?;
         let row_bytes = (self.host.value_row_bytes() + self.host.scale_row_bytes()) as u64;
-        self.stats.gathers += 1;
-        self.stats.lookups += n as u64;
-        self.stats.rows_transferred += n as u64;
-        self.stats.bytes_transferred += n as u64 * row_bytes;
+        self.base.stats.gathers += 1;
+        self.base.stats.lookups += n as u64;
+        self.base.stats.rows_transferred += n as u64;
+        self.base.stats.bytes_transferred += n as u64 * row_bytes;
         Ok(())
-    }
-
-    fn stats(&self) -> TableStats {
-        self.stats
-    }
-    fn reset_stats(&mut self) {
-        self.stats = TableStats::default();
     }
 }
