@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use engram_core::checkpoint::{SafetensorsHeader, TableSpec};
-use engram_core::dtype::{bf16_bits_to_f32, dequant_f8_row, f16_bits_to_f32, RowDtype};
+use engram_core::dtype::{
+    bf16_bits_to_f32, dequant_f8_row, f16_bits_to_f32, RowDtype, FP8_SCALE_BLOCK,
+};
 use engram_core::table::{DenseTable, TableStore};
 use engram_core::{EngramError, Result as CoreResult};
 use memmap2::{Mmap, MmapMut, MmapOptions};
@@ -66,21 +68,15 @@ fn anon(len: usize) -> Result<MmapMut> {
     Ok(map)
 }
 
-/// Bytes of one row's values (scales excluded).
+/// Bytes of one row's values (scales excluded): [`RowDtype::value_row_bytes`].
 pub fn value_row_bytes(dtype: RowDtype, width: usize) -> usize {
-    match dtype {
-        RowDtype::F32 => 4 * width,
-        RowDtype::BF16 | RowDtype::F16 => 2 * width,
-        RowDtype::F8E4M3Scaled => width,
-    }
+    dtype.value_row_bytes(width)
 }
 
-/// Bytes of one row's scales (FP8 rows only: one per 32 columns).
+/// Bytes of one row's scales (FP8 rows only: one per [`FP8_SCALE_BLOCK`] columns):
+/// [`RowDtype::scale_row_bytes`].
 pub fn scale_row_bytes(dtype: RowDtype, width: usize) -> usize {
-    match dtype {
-        RowDtype::F8E4M3Scaled => width.div_ceil(32),
-        _ => 0,
-    }
+    dtype.scale_row_bytes(width)
 }
 
 /// The kernels' code for a row format.
@@ -132,9 +128,9 @@ impl HostTable {
                 "table `{name}`: row width must be >= 1"
             )));
         }
-        if dtype == RowDtype::F8E4M3Scaled && !width.is_multiple_of(32) {
+        if dtype == RowDtype::F8E4M3Scaled && !width.is_multiple_of(FP8_SCALE_BLOCK) {
             return Err(CudaBackendError::Invalid(format!(
-                "table `{name}`: FP8 rows carry one scale per 32 columns; width {width} is not a multiple of 32"
+                "table `{name}`: FP8 rows carry one scale per {FP8_SCALE_BLOCK} columns; width {width} is not a multiple of {FP8_SCALE_BLOCK}"
             )));
         }
         let vlen = (rows as usize)
@@ -168,7 +164,7 @@ impl HostTable {
     }
 
     /// A copy of raw stored bytes: `values` is `[rows, width]` in `dtype` (little-endian),
-    /// `scales` the E8M0 bytes `[rows, width/32]` of an FP8 table.
+    /// `scales` the E8M0 bytes `[rows, width / FP8_SCALE_BLOCK]` of an FP8 table.
     pub fn from_raw(
         name: impl Into<String>,
         dtype: RowDtype,

@@ -192,7 +192,7 @@ impl CpuTable {
         &self.storage.bytes()[self.values.clone()]
     }
 
-    /// F8 tables: the stored E8M0 scales, `[rows, ceil(width / 32)]`; empty otherwise.
+    /// F8 tables: the stored E8M0 scales, `[rows, ceil(width / SCALE_BLOCK)]`; empty otherwise.
     pub fn scales_bytes(&self) -> &[u8] {
         &self.storage.bytes()[self.scales.clone()]
     }
@@ -208,7 +208,7 @@ impl CpuTable {
     }
 
     /// Copies rows `row_ids` as stored into `out` (`[row_ids.len(), row_bytes()]`): each
-    /// row's values (little-endian), then, for F8 tables, its `ceil(width / 32)` scales. An
+    /// row's values (little-endian), then, for F8 tables, its `ceil(width / SCALE_BLOCK)` scales. An
     /// id past the end of the table is an error; `out` may then be partly written.
     pub fn gather_raw(&self, row_ids: &[u64], out: &mut [u8]) -> Result<()> {
         let row_bytes = self.row_bytes();
