@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::config::{EngramConfig, Variant};
 use crate::dtype::{
     bf16_bits_to_f32, dequant_f8_row, e8m0_to_f32, f16_bits_to_f32, f8e4m3_to_f32, RowDtype,
+    FP8_SCALE_BLOCK,
 };
 use crate::error::{EngramError, Result};
 use crate::primes::LayerTableLayout;
@@ -184,7 +185,7 @@ pub fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
 pub struct TableSpec {
     pub layer_id: usize,
     pub tensor: String,
-    /// V4.1: the E8M0 scales, one per 32 columns.
+    /// V4.1: the E8M0 scales, one per [`FP8_SCALE_BLOCK`] columns.
     pub scale_tensor: Option<String>,
     pub dtype: RowDtype,
     pub rows: u64,
@@ -302,7 +303,7 @@ pub fn check_stored_offsets(
 pub enum TensorKind {
     /// The embedding table (`[rows, head_dim]`).
     Table,
-    /// V4.1: the table's E8M0 scales, one per 32 columns.
+    /// V4.1: the table's E8M0 scales, one per [`FP8_SCALE_BLOCK`] columns.
     TableScale,
     /// Paper variant: the stored head offsets (optional; checked against the primes).
     Offsets,
@@ -368,7 +369,7 @@ pub fn expected_table_tensors(
                 format!("{p}embed.scale"),
                 TensorKind::TableScale,
                 E8M0,
-                vec![rows, width.div_ceil(32)],
+                vec![rows, width.div_ceil(FP8_SCALE_BLOCK)],
             ),
         ],
     }
@@ -420,7 +421,7 @@ pub fn expected_layer_tensors(
             w(
                 format!("{p}wkv.scale"),
                 E8M0,
-                vec![rows.div_ceil(32), e.div_ceil(32)],
+                vec![rows.div_ceil(FP8_SCALE_BLOCK), e.div_ceil(FP8_SCALE_BLOCK)],
             );
             w(format!("{p}q_weight"), BF16_ONLY, vec![g, d]);
             w(format!("{p}k_weight"), BF16_ONLY, vec![g, d]);
@@ -663,7 +664,7 @@ pub fn load_dense_table(ck: &Checkpoint<'_>, spec: &TableSpec) -> Result<DenseTa
                 .st
                 .tensor(scale)
                 .map_err(|_| EngramError::tensor(ck.path(), scale, "missing"))?;
-            let (w, sw) = (spec.width, spec.width.div_ceil(32));
+            let (w, sw) = (spec.width, spec.dtype.scale_row_bytes(spec.width));
             let mut out = vec![0f32; spec.rows as usize * w];
             for ((dst, v), s) in out
                 .chunks_exact_mut(w)
@@ -792,14 +793,17 @@ pub fn load_layer_weights(
             let wname = format!("{p}wkv.weight");
             let sname = format!("{p}wkv.scale");
             let w = ck.expect(&wname, &[Dtype::F8_E4M3], &[rows, e])?;
-            let (sr, sc) = (rows.div_ceil(32), e.div_ceil(32));
+            let (sr, sc) = (rows.div_ceil(FP8_SCALE_BLOCK), e.div_ceil(FP8_SCALE_BLOCK));
             let s = ck.expect(&sname, &[Dtype::F8_E8M0], &[sr, sc])?;
             let scales: Vec<f32> = s.data().iter().map(|&b| e8m0_to_f32(b)).collect();
             let wkv = w
                 .data()
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| f8e4m3_to_f32(b) * scales[(i / e / 32) * sc + (i % e) / 32])
+                .map(|(i, &b)| {
+                    f8e4m3_to_f32(b)
+                        * scales[(i / e / FP8_SCALE_BLOCK) * sc + (i % e) / FP8_SCALE_BLOCK]
+                })
                 .collect();
             let bf16_only = [Dtype::BF16];
             let q = ck.expect(&format!("{p}q_weight"), &bf16_only, &[g, d])?;

@@ -11,6 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::dtype::FP8_SCALE_BLOCK;
 use crate::error::{EngramError, Result};
 
 /// Which Engram layer the weights describe (docs/algorithm.md sections 7 and 8).
@@ -308,20 +309,20 @@ impl EngramConfig {
                     "the paper variant needs a short-conv kernel >= 1".into(),
                 )
             }
-            Variant::V41 if !self.head_dim.is_multiple_of(32) => {
+            Variant::V41 if !self.head_dim.is_multiple_of(FP8_SCALE_BLOCK) => {
                 return bad(
                     "engram_head_dim",
                     format!(
-                        "V4.1 rows carry one scale per 32 columns: {} is not a multiple of 32",
+                        "V4.1 rows carry one scale per {FP8_SCALE_BLOCK} columns: {} is not a multiple of {FP8_SCALE_BLOCK}",
                         self.head_dim
                     ),
                 )
             }
-            Variant::V41 if !self.hidden_size.is_multiple_of(32) => {
+            Variant::V41 if !self.hidden_size.is_multiple_of(FP8_SCALE_BLOCK) => {
                 return bad(
                     "hidden_size",
                     format!(
-                        "V4.1 wkv is quantized in 32x32 blocks: {} is not a multiple of 32",
+                        "V4.1 wkv is quantized in {FP8_SCALE_BLOCK}x{FP8_SCALE_BLOCK} blocks: {} is not a multiple of {FP8_SCALE_BLOCK}",
                         self.hidden_size
                     ),
                 )

@@ -2,7 +2,11 @@
 //!
 //! A store owns one Engram layer's embedding table (`sum(primes)` rows of `head_dim`
 //! columns). Backends provide stores in RAM, memory-mapped from disk, or on a device;
-//! the core provides [`DenseTable`], a plain f32 table for the reference math and tests.
+//! the core provides [`DenseTable`], a plain f32 table for the reference math and tests,
+//! and [`bytes::TableBytes`], the stored bytes of a table in host memory (RAM or a file
+//! map) that the CPU and CUDA backends' host-side stores read.
+
+pub mod bytes;
 
 use crate::dtype::RowDtype;
 use crate::error::{EngramError, Result};

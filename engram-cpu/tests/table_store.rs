@@ -9,7 +9,7 @@ use engram_core::checkpoint::{
     load_dense_table, table_spec, table_spec_from_header, Checkpoint, SafetensorsHeader, TableSpec,
 };
 use engram_core::config::EngramConfig;
-use engram_core::dtype::RowDtype;
+use engram_core::dtype::{RowDtype, FP8_SCALE_BLOCK};
 use engram_core::primes::{table_layouts, LayerTableLayout};
 use engram_core::table::TableStore;
 use engram_cpu::table::{CpuTable, TableMode};
@@ -70,7 +70,7 @@ fn table_tensors(
         (format!("{p}zzz.after"), Dtype::F32, vec![3], rng.bytes(12)),
     ];
     if row_dtype == Dtype::F8_E4M3 {
-        let sw = width.div_ceil(32);
+        let sw = width.div_ceil(FP8_SCALE_BLOCK);
         out.push((
             format!("{p}embed.weight"),
             Dtype::F8_E4M3,

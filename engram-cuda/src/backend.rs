@@ -8,6 +8,7 @@ use cudarc::driver::sys::{self, CUdevice_attribute};
 use cudarc::driver::{
     CudaContext, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
 };
+use engram_core::dtype::RowDtype;
 use serde::Serialize;
 
 use crate::error::{CudaBackendError, DriverResultExt, Result};
@@ -296,7 +297,8 @@ impl CudaBackend {
         unsafe { self.kernels().spin(stream, cfg, ns) }
     }
 
-    /// Dequantizes FP8 E4M3 values with E8M0 scales (one per 32 columns) on the device:
+    /// Dequantizes FP8 E4M3 values with E8M0 scales (one per
+    /// [`FP8_SCALE_BLOCK`](engram_core::dtype::FP8_SCALE_BLOCK) columns) on the device:
     /// `bf16(f32(e4m3) * 2^(s-127))` as f32, `[rows, width]`.
     pub fn dequant_f8(
         &self,
@@ -305,7 +307,7 @@ impl CudaBackend {
         rows: usize,
         width: usize,
     ) -> Result<CudaSlice<f32>> {
-        let sw = width.div_ceil(32);
+        let sw = RowDtype::F8E4M3Scaled.scale_row_bytes(width);
         if values.len() < rows * width || scales.len() < rows * sw {
             return Err(CudaBackendError::Invalid(format!(
                 "dequant_f8: {rows} rows x {width} columns need {} value and {} scale bytes, got {} and {}",

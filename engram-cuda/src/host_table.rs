@@ -8,79 +8,41 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use engram_core::checkpoint::{SafetensorsHeader, TableSpec};
-use engram_core::dtype::{bf16_bits_to_f32, dequant_f8_row, f16_bits_to_f32, RowDtype};
+use engram_core::dtype::{
+    bf16_bits_to_f32, dequant_f8_row, f16_bits_to_f32, RowDtype, FP8_SCALE_BLOCK,
+};
+use engram_core::table::bytes::TableBytes;
 use engram_core::table::{DenseTable, TableStore};
 use engram_core::{EngramError, Result as CoreResult};
-use memmap2::{Mmap, MmapMut, MmapOptions};
 
 use crate::error::{CudaBackendError, Result};
 
-/// Where a table's bytes live.
-pub(crate) enum Backing {
-    /// Anonymous, page-aligned memory owned by the table.
-    Anon(MmapMut),
-    /// A read-only mapping of a file.
-    File { map: Mmap, path: PathBuf },
-}
+/// Where a table's bytes live: the core's [`Backing`](engram_core::table::bytes::Backing)
+/// (anonymous memory or a read-only file map), which the zero-copy placement registers.
+pub(crate) use engram_core::table::bytes::Backing;
 
-impl Backing {
-    pub(crate) fn bytes(&self) -> &[u8] {
-        match self {
-            Backing::Anon(m) => m,
-            Backing::File { map, .. } => map,
-        }
-    }
-    pub(crate) fn is_file(&self) -> bool {
-        matches!(self, Backing::File { .. })
-    }
-}
-
-/// A byte range of a [`Backing`].
+/// The values or the scales of a [`HostTable`] as the zero-copy placement registers
+/// them: the backing and where in it they start. A view of the table's [`TableBytes`]
+/// (see [`HostTable::bytes`]), kept for `table/zero_copy.rs`.
 #[derive(Clone)]
 pub(crate) struct HostBytes {
     pub backing: Arc<Backing>,
     pub offset: usize,
-    pub len: usize,
 }
 
-impl HostBytes {
-    pub fn as_slice(&self) -> &[u8] {
-        &self.backing.bytes()[self.offset..self.offset + self.len]
-    }
-}
-
-/// Anonymous memory for a table, backed by transparent huge pages where the kernel offers
-/// them: gathers touch rows at random, and with 4 KiB pages nearly every row costs a TLB
-/// miss (a two-level page walk in a virtual machine).
-fn anon(len: usize) -> Result<MmapMut> {
-    let map = MmapMut::map_anon(len.max(1)).map_err(|e| {
-        CudaBackendError::Invalid(format!("cannot allocate {len} bytes of host memory: {e}"))
-    })?;
-    // Before the first touch, so the faults allocate huge pages. Best effort: a kernel
-    // without THP keeps 4 KiB pages.
-    let _ = map.advise(memmap2::Advice::HugePage);
-    Ok(map)
-}
-
-/// Bytes of one row's values (scales excluded).
+/// Bytes of one row's values (scales excluded): [`RowDtype::value_row_bytes`].
 pub fn value_row_bytes(dtype: RowDtype, width: usize) -> usize {
-    match dtype {
-        RowDtype::F32 => 4 * width,
-        RowDtype::BF16 | RowDtype::F16 => 2 * width,
-        RowDtype::F8E4M3Scaled => width,
-    }
+    dtype.value_row_bytes(width)
 }
 
-/// Bytes of one row's scales (FP8 rows only: one per 32 columns).
+/// Bytes of one row's scales (FP8 rows only: one per [`FP8_SCALE_BLOCK`] columns):
+/// [`RowDtype::scale_row_bytes`].
 pub fn scale_row_bytes(dtype: RowDtype, width: usize) -> usize {
-    match dtype {
-        RowDtype::F8E4M3Scaled => width.div_ceil(32),
-        _ => 0,
-    }
+    dtype.scale_row_bytes(width)
 }
 
 /// The kernels' code for a row format.
@@ -100,6 +62,8 @@ pub struct HostTable {
     dtype: RowDtype,
     rows: u64,
     width: usize,
+    bytes: TableBytes,
+    /// `bytes`' values and scales as `table/zero_copy.rs` reads them.
     pub(crate) values: HostBytes,
     pub(crate) scales: Option<HostBytes>,
 }
@@ -132,43 +96,43 @@ impl HostTable {
                 "table `{name}`: row width must be >= 1"
             )));
         }
-        if dtype == RowDtype::F8E4M3Scaled && !width.is_multiple_of(32) {
+        if dtype == RowDtype::F8E4M3Scaled && !width.is_multiple_of(FP8_SCALE_BLOCK) {
             return Err(CudaBackendError::Invalid(format!(
-                "table `{name}`: FP8 rows carry one scale per 32 columns; width {width} is not a multiple of 32"
+                "table `{name}`: FP8 rows carry one scale per {FP8_SCALE_BLOCK} columns; width {width} is not a multiple of {FP8_SCALE_BLOCK}"
             )));
         }
-        let vlen = (rows as usize)
+        let too_large = || CudaBackendError::Invalid(format!("table `{name}` is too large"));
+        let rows_n = usize::try_from(rows).map_err(|_| too_large())?;
+        let vlen = rows_n
             .checked_mul(value_row_bytes(dtype, width))
-            .ok_or_else(|| CudaBackendError::Invalid(format!("table `{name}` is too large")))?;
-        let slen = rows as usize * scale_row_bytes(dtype, width);
+            .ok_or_else(too_large)?;
+        let slen = rows_n
+            .checked_mul(scale_row_bytes(dtype, width))
+            .ok_or_else(too_large)?;
         // Values and scales in one mapping, the scales on their own page.
-        let scales_at = vlen.next_multiple_of(4096);
-        let mut map = anon(scales_at + slen)?;
-        {
-            let (v, rest) = map.split_at_mut(scales_at);
-            fill(&mut v[..vlen], &mut rest[..slen]);
-        }
-        let backing = Arc::new(Backing::Anon(map));
-        Ok(Self {
+        let bytes = TableBytes::build(vlen, slen, fill)
+            .map_err(|e| CudaBackendError::Invalid(format!("table `{name}`: {e}")))?;
+        Ok(Self::new(name, dtype, rows, width, bytes))
+    }
+
+    fn new(name: String, dtype: RowDtype, rows: u64, width: usize, bytes: TableBytes) -> Self {
+        let view = |offset| HostBytes {
+            backing: bytes.backing().clone(),
+            offset,
+        };
+        Self {
             name,
             dtype,
             rows,
             width,
-            values: HostBytes {
-                backing: backing.clone(),
-                offset: 0,
-                len: vlen,
-            },
-            scales: (slen > 0).then(|| HostBytes {
-                backing,
-                offset: scales_at,
-                len: slen,
-            }),
-        })
+            values: view(bytes.values_offset()),
+            scales: bytes.scales_offset().map(view),
+            bytes,
+        }
     }
 
     /// A copy of raw stored bytes: `values` is `[rows, width]` in `dtype` (little-endian),
-    /// `scales` the E8M0 bytes `[rows, width/32]` of an FP8 table.
+    /// `scales` the E8M0 bytes `[rows, width / FP8_SCALE_BLOCK]` of an FP8 table.
     pub fn from_raw(
         name: impl Into<String>,
         dtype: RowDtype,
@@ -238,58 +202,29 @@ impl HostTable {
         scales_offset: Option<u64>,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| EngramError::file(path, e))?;
-        let map = unsafe { MmapOptions::new().map(&file) }
-            .map_err(|e| EngramError::file(path, format!("cannot map: {e}")))?;
-        let file_len = map.len() as u64;
         let name = path.display().to_string();
-        let range = |what: &str, offset: u64, len: u64| -> Result<(usize, usize)> {
-            if offset.checked_add(len).is_none_or(|end| end > file_len) {
-                return Err(EngramError::file(
-                    path,
-                    format!(
-                        "the table's {what} ({len} bytes at {offset}) reach past the end of the file ({file_len} bytes; truncated?)"
-                    ),
-                )
-                .into());
-            }
-            Ok((offset as usize, len as usize))
+        let range = |what: &str, offset: u64, row_bytes: usize| -> Result<std::ops::Range<u64>> {
+            rows.checked_mul(row_bytes as u64)
+                .and_then(|len| Some(offset..offset.checked_add(len)?))
+                .ok_or_else(|| {
+                    CudaBackendError::from(EngramError::file(
+                        path,
+                        format!("the table's {what} ({rows} rows at byte {offset}) do not fit in 64 bits"),
+                    ))
+                })
         };
-        let (voff, vlen) = range(
-            "values",
-            values_offset,
-            rows * value_row_bytes(dtype, width) as u64,
-        )?;
-        let slen = rows * scale_row_bytes(dtype, width) as u64;
-        let scales = match (slen, scales_offset) {
+        let values = range("values", values_offset, value_row_bytes(dtype, width))?;
+        let scales = match (scale_row_bytes(dtype, width), scales_offset) {
             (0, _) => None,
             (_, None) => {
                 return Err(CudaBackendError::Invalid(format!(
                     "{name}: an FP8 table needs the offset of its scales"
                 )))
             }
-            (_, Some(off)) => Some(range("scales", off, slen)?),
+            (sb, Some(off)) => Some(range("scales", off, sb)?),
         };
-        let backing = Arc::new(Backing::File {
-            map,
-            path: path.to_path_buf(),
-        });
-        Ok(Self {
-            name,
-            dtype,
-            rows,
-            width,
-            values: HostBytes {
-                backing: backing.clone(),
-                offset: voff,
-                len: vlen,
-            },
-            scales: scales.map(|(offset, len)| HostBytes {
-                backing,
-                offset,
-                len,
-            }),
-        })
+        let bytes = TableBytes::map_file(path, values, scales)?;
+        Ok(Self::new(name, dtype, rows, width, bytes))
     }
 
     /// Maps the table a checked [`TableSpec`] describes from its safetensors file.
@@ -317,14 +252,14 @@ impl HostTable {
         let path = path.as_ref();
         let io = |e: std::io::Error| CudaBackendError::from(EngramError::file(path, e));
         let mut f = std::io::BufWriter::new(File::create(path).map_err(io)?);
-        f.write_all(self.values.as_slice()).map_err(io)?;
+        let values = self.values();
+        f.write_all(values).map_err(io)?;
         let mut scales_at = None;
-        if let Some(s) = &self.scales {
-            let at = (self.values.len as u64).next_multiple_of(4096);
-            f.write_all(&vec![0u8; (at - self.values.len as u64) as usize])
-                .map_err(io)?;
-            f.write_all(s.as_slice()).map_err(io)?;
-            scales_at = Some(at);
+        if let Some(s) = self.scales() {
+            let at = values.len().next_multiple_of(4096);
+            f.write_all(&vec![0u8; at - values.len()]).map_err(io)?;
+            f.write_all(s).map_err(io)?;
+            scales_at = Some(at as u64);
         }
         f.flush().map_err(io)?;
         Ok(scales_at)
@@ -336,10 +271,12 @@ impl HostTable {
 
     /// The file the table is mapped from, if it is.
     pub fn mapped_file(&self) -> Option<&Path> {
-        match &*self.values.backing {
-            Backing::File { path, .. } => Some(path),
-            Backing::Anon(_) => None,
-        }
+        self.bytes.path()
+    }
+
+    /// The stored bytes: the values, the scales and the memory they live in.
+    pub fn bytes(&self) -> &TableBytes {
+        &self.bytes
     }
 
     /// Bytes of one row's values.
@@ -354,12 +291,12 @@ impl HostTable {
 
     /// All stored value bytes, `[rows, value_row_bytes]`.
     pub fn values(&self) -> &[u8] {
-        self.values.as_slice()
+        self.bytes.values()
     }
 
     /// All stored scale bytes (FP8 tables), `[rows, scale_row_bytes]`.
     pub fn scales(&self) -> Option<&[u8]> {
-        self.scales.as_ref().map(HostBytes::as_slice)
+        self.bytes.scales()
     }
 
     /// The stored value bytes of row `row`.
@@ -451,7 +388,12 @@ mod tests {
         let e = HostTable::map_file(&path, RowDtype::F32, 7, 4, 0, None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("truncated"), "{e}");
+        assert!(e.contains("truncated") && e.contains("t.bin"), "{e}");
+        // Sizes past 64 bits are errors too, not overflows.
+        let e = HostTable::map_file(&path, RowDtype::F32, u64::MAX, 4, 0, None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.bin") && e.contains("64 bits"), "{e}");
     }
 
     #[test]
@@ -476,6 +418,14 @@ mod tests {
         assert_eq!(at % 4096, 0);
         let m = HostTable::map_file(&path, RowDtype::F8E4M3Scaled, 3, width, 0, Some(at)).unwrap();
         assert_eq!(m.row_scales(2), &scales[4..6]);
+        assert!(m.bytes().is_file() && !t.bytes().is_file());
+        let e = HostTable::map_file(&path, RowDtype::F8E4M3Scaled, 3, width, 0, Some(at + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("f8.bin") && e.contains("scales") && e.contains("truncated"),
+            "{e}"
+        );
         assert!(HostTable::from_raw("bad", RowDtype::F8E4M3Scaled, width, &values, None).is_err());
     }
 }

@@ -10,7 +10,7 @@ use engram_core::checkpoint::{
     load_layer_weights, table_spec, Checkpoint, LayerWeights, SafetensorsHeader,
 };
 use engram_core::config::{EngramConfig, Variant};
-use engram_core::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype};
+use engram_core::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype, FP8_SCALE_BLOCK};
 use engram_core::golden::GoldenSample;
 use engram_core::primes::table_layouts;
 use engram_core::reference::ReferenceLayer;
@@ -188,11 +188,12 @@ fn fp8_dequantization_is_exact() {
     // Every E4M3 code against scales from the extremes (subnormal results, overflow).
     let scale_codes: Vec<u8> = vec![0, 1, 20, 100, 120, 127, 128, 135, 200, 250, 254];
     let width = 256;
+    let sw = width / FP8_SCALE_BLOCK;
     let mut values = Vec::new();
     let mut scales = Vec::new();
     for (r, &s) in scale_codes.iter().enumerate() {
         values.extend((0..width).map(|c| c as u8));
-        scales.extend((0..width / 32).map(|b| {
+        scales.extend((0..sw).map(|b| {
             if b % 2 == 0 {
                 s
             } else {
@@ -209,14 +210,15 @@ fn fp8_dequantization_is_exact() {
     for r in 0..rows {
         for c in 0..width {
             let want = round_bf16(
-                f8e4m3_to_f32(values[r * width + c]) * e8m0_to_f32(scales[r * 8 + c / 32]),
+                f8e4m3_to_f32(values[r * width + c])
+                    * e8m0_to_f32(scales[r * sw + c / FP8_SCALE_BLOCK]),
             );
             let got = out[r * width + c];
             assert!(
                 got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
                 "code {:#04x} scale {}: got {got:e}, want {want:e}",
                 values[r * width + c],
-                scales[r * 8 + c / 32]
+                scales[r * sw + c / FP8_SCALE_BLOCK]
             );
         }
     }

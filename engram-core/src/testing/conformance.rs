@@ -11,7 +11,7 @@ use super::TestRng;
 use crate::backend::{EngramLayer, Segment, ShortConvState};
 use crate::checkpoint::{LayerWeights, PaperWeights, V41Weights};
 use crate::config::{EngramConfig, HashConfig, Variant};
-use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype};
+use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, RowDtype, FP8_SCALE_BLOCK};
 use crate::error::Result;
 use crate::metrics::{bf16_distance_over, relative_error, worse};
 use crate::reference::ReferenceLayer;
@@ -152,12 +152,14 @@ fn bf16_values(rng: &mut TestRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
 pub fn v41_weights(rng: &mut TestRng, cfg: &EngramConfig) -> LayerWeights {
     let (g, d, e) = (cfg.hc_mult, cfg.hidden_size, cfg.embed_dim());
     let rows = (g + 1) * d;
-    let (br, bc) = (rows.div_ceil(32), e.div_ceil(32));
+    let (br, bc) = (rows.div_ceil(FP8_SCALE_BLOCK), e.div_ceil(FP8_SCALE_BLOCK));
     let scales: Vec<f32> = (0..br * bc)
         .map(|_| 2f32.powi(-(8 + rng.below(4) as i32)))
         .collect();
     let wkv = (0..rows * e)
-        .map(|i| e4m3(rng, 300.0) * scales[(i / e / 32) * bc + (i % e) / 32])
+        .map(|i| {
+            e4m3(rng, 300.0) * scales[(i / e / FP8_SCALE_BLOCK) * bc + (i % e) / FP8_SCALE_BLOCK]
+        })
         .collect();
     LayerWeights::V41(V41Weights {
         wkv,
@@ -179,7 +181,7 @@ pub fn v41_embeddings(rng: &mut TestRng, n: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let s = 2f32.powi(-(6 + rng.below(4) as i32));
-        for _ in 0..32.min(n - out.len()) {
+        for _ in 0..FP8_SCALE_BLOCK.min(n - out.len()) {
             out.push(round_bf16(e4m3(rng, 400.0) * s));
         }
     }
@@ -592,7 +594,7 @@ pub struct RawTable {
     pub width: usize,
     /// `[rows, width]` in the stored format, little-endian.
     pub values: Vec<u8>,
-    /// FP8 only: `[rows, width / 32]` E8M0 scales.
+    /// FP8 only: `[rows, width.div_ceil(FP8_SCALE_BLOCK)]` E8M0 scales.
     pub scales: Option<Vec<u8>>,
 }
 
@@ -611,7 +613,7 @@ impl RawTable {
             RowDtype::F8E4M3Scaled => (0..n).map(|_| rng.f8_byte()).collect(),
         };
         let scales = (dtype == RowDtype::F8E4M3Scaled).then(|| {
-            (0..rows as usize * width.div_ceil(32))
+            (0..rows as usize * dtype.scale_row_bytes(width))
                 .map(|_| 118 + rng.below(16) as u8)
                 .collect()
         });
@@ -643,7 +645,12 @@ impl RawTable {
         if let Some(s) = &self.scales {
             views.push((
                 "table.scale".to_string(),
-                TensorView::new(Dtype::F8_E8M0, vec![rows, self.width.div_ceil(32)], s).unwrap(),
+                TensorView::new(
+                    Dtype::F8_E8M0,
+                    vec![rows, self.dtype.scale_row_bytes(self.width)],
+                    s,
+                )
+                .unwrap(),
             ));
         }
         let bytes = safetensors::serialize(views, None).unwrap();
@@ -674,11 +681,12 @@ impl RawTable {
                 .collect(),
             RowDtype::F8E4M3Scaled => {
                 let s = self.scales.as_ref().expect("FP8 rows have scales");
-                let sw = w.div_ceil(32);
+                let sw = self.dtype.scale_row_bytes(w);
                 (0..w)
                     .map(|c| {
                         round_bf16(
-                            f8e4m3_to_f32(v[at + c]) * e8m0_to_f32(s[r as usize * sw + c / 32]),
+                            f8e4m3_to_f32(v[at + c])
+                                * e8m0_to_f32(s[r as usize * sw + c / FP8_SCALE_BLOCK]),
                         )
                     })
                     .collect()

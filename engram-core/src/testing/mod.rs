@@ -10,7 +10,7 @@ pub mod conformance;
 
 use crate::checkpoint::{LayerWeights, PaperWeights, V41Weights};
 use crate::config::{EngramConfig, Variant};
-use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16};
+use crate::dtype::{e8m0_to_f32, f8e4m3_to_f32, round_bf16, FP8_SCALE_BLOCK};
 
 /// SplitMix64: tiny, seeded, good enough for test data.
 #[derive(Clone, Debug)]
@@ -84,12 +84,14 @@ pub fn random_weights(cfg: &EngramConfig, rng: &mut TestRng) -> LayerWeights {
         }),
         Variant::V41 => {
             let rows = (g + 1) * d;
-            let scales: Vec<f32> = (0..rows.div_ceil(32) * e.div_ceil(32))
+            let scales: Vec<f32> = (0..rows.div_ceil(FP8_SCALE_BLOCK)
+                * e.div_ceil(FP8_SCALE_BLOCK))
                 .map(|_| e8m0_to_f32(120 + rng.below(4) as u8))
                 .collect();
             let wkv = (0..rows * e)
                 .map(|i| {
-                    let s = scales[(i / e / 32) * e.div_ceil(32) + (i % e) / 32];
+                    let s = scales[(i / e / FP8_SCALE_BLOCK) * e.div_ceil(FP8_SCALE_BLOCK)
+                        + (i % e) / FP8_SCALE_BLOCK];
                     f8e4m3_to_f32(rng.f8_byte()) * s
                 })
                 .collect();

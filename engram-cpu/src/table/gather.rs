@@ -17,8 +17,10 @@ static E4M3_LUT: LazyLock<[f32; 256]> =
 static E8M0_LUT: LazyLock<[f32; 256]> =
     LazyLock::new(|| std::array::from_fn(|b| e8m0_to_f32(b as u8)));
 
-/// Columns sharing one E8M0 scale.
-pub const SCALE_BLOCK: usize = 32;
+/// Columns sharing one E8M0 scale: the core's
+/// [`FP8_SCALE_BLOCK`](engram_core::dtype::FP8_SCALE_BLOCK), under the name this
+/// crate has always exported.
+pub use engram_core::dtype::FP8_SCALE_BLOCK as SCALE_BLOCK;
 
 /// The stored rows of a table, borrowed: what every gather reads.
 #[derive(Clone, Copy)]
@@ -29,26 +31,19 @@ pub(crate) struct Rows<'a> {
     pub rows: u64,
     /// `[rows, width]` elements of the stored type (F8: one byte each).
     pub values: &'a [u8],
-    /// F8 only: `[rows, ceil(width / 32)]` E8M0 bytes.
+    /// F8 only: `[rows, ceil(width / SCALE_BLOCK)]` E8M0 bytes.
     pub scales: &'a [u8],
 }
 
 impl Rows<'_> {
     /// Bytes of one row of values (scales excluded).
     pub fn value_row_bytes(&self) -> usize {
-        match self.dtype {
-            RowDtype::F32 => 4 * self.width,
-            RowDtype::BF16 | RowDtype::F16 => 2 * self.width,
-            RowDtype::F8E4M3Scaled => self.width,
-        }
+        self.dtype.value_row_bytes(self.width)
     }
 
     /// Bytes of one row's scales (0 unless F8).
     pub fn scale_row_bytes(&self) -> usize {
-        match self.dtype {
-            RowDtype::F8E4M3Scaled => self.width.div_ceil(SCALE_BLOCK),
-            _ => 0,
-        }
+        self.dtype.scale_row_bytes(self.width)
     }
 
     /// Asks the CPU to start loading the row [`prefetch_distance`] positions further down
@@ -288,7 +283,7 @@ fn prefetch_lines(bytes: &[u8]) {
     let _ = bytes;
 }
 
-/// Whether a 32-column block needs no rounding: its products `e4m3 * 2^(s-127)` are
+/// Whether a block of [`SCALE_BLOCK`] columns needs no rounding: its products `e4m3 * 2^(s-127)` are
 /// exact f32 with at most 4 significant bits, hence exact in bf16 (`round_bf16` is the
 /// identity). True when no value is a NaN code and the scale keeps every product normal:
 /// e4m3 magnitudes lie in [2^-9, 448 < 2^9], so s - 136 >= -126 and s - 118 <= 128.

@@ -18,7 +18,6 @@
 //! [`CpuTable::open_layer`].
 
 mod gather;
-mod storage;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -28,13 +27,13 @@ use engram_core::config::EngramConfig;
 use engram_core::dtype::RowDtype;
 use engram_core::error::{EngramError, Result};
 use engram_core::primes::LayerTableLayout;
+use engram_core::table::bytes::TableBytes;
 use engram_core::table::TableStore;
 use safetensors::Dtype;
 
+pub use engram_core::table::bytes::AlignedBytes;
 use gather::{run_chunked, Rows};
 pub use gather::{OutputStores, SCALE_BLOCK};
-pub use storage::AlignedBytes;
-use storage::{copy_ranges, map_file, read_ranges, to_usize, Storage};
 
 /// Gathers moving fewer bytes than this stay on the calling thread (see
 /// [`CpuTable::set_parallel_min_bytes`]).
@@ -53,16 +52,15 @@ pub enum TableMode {
     Ram,
 }
 
-/// One layer's table on the CPU: a [`TableStore`] over a memory map or an owned buffer.
+/// One layer's table on the CPU: a [`TableStore`] over a memory map or an owned buffer
+/// (the core's [`TableBytes`]).
 pub struct CpuTable {
     /// `file:tensor`, for messages.
     name: String,
     path: PathBuf,
     spec: TableSpec,
-    storage: Storage,
-    /// Byte ranges of the rows and (F8) the scales in `storage`.
-    values: Range<usize>,
-    scales: Range<usize>,
+    /// The rows and (F8) the scales.
+    bytes: TableBytes,
     parallel_min_bytes: usize,
 }
 
@@ -85,13 +83,20 @@ impl CpuTable {
         let path = path.as_ref();
         let header = SafetensorsHeader::read_file(path)?;
         let (values, scales) = locate(&header, spec)?;
-        let map = map_file(path, header.file_len())?;
-        let values = to_usize(path, values.start)?..to_usize(path, values.end)?;
-        let scales = match scales {
-            Some(s) => to_usize(path, s.start)?..to_usize(path, s.end)?,
-            None => 0..0,
-        };
-        Ok(Self::new(path, spec, Storage::Mmap(map), values, scales))
+        let bytes = TableBytes::map_file(path, values, scales)?;
+        let mapped = bytes.backing().len() as u64;
+        if mapped != header.file_len() {
+            return Err(EngramError::file(
+                path,
+                format!(
+                    "changed while being opened: {mapped} bytes, the header was read at {}",
+                    header.file_len()
+                ),
+            ));
+        }
+        // Rows are looked up at random: read-ahead would only pull in rows nobody asked for.
+        bytes.advise_random();
+        Ok(Self::new(path, spec, bytes))
     }
 
     /// Reads the table `spec` describes from the safetensors file at `path` into RAM
@@ -100,9 +105,11 @@ impl CpuTable {
         let path = path.as_ref();
         let header = SafetensorsHeader::read_file(path)?;
         let (values, scales) = locate(&header, spec)?;
-        let ranges: Vec<Range<u64>> = std::iter::once(values).chain(scales).collect();
-        let (buf, placed) = read_ranges(path, &ranges)?;
-        Ok(Self::from_placed(path, spec, buf, placed))
+        Ok(Self::new(
+            path,
+            spec,
+            TableBytes::read_file(path, values, scales)?,
+        ))
     }
 
     /// Copies the table `spec` describes out of `bytes`, a whole safetensors file
@@ -111,12 +118,20 @@ impl CpuTable {
         let path = path.as_ref();
         let header = SafetensorsHeader::parse(path, bytes, bytes.len() as u64)?;
         let (values, scales) = locate(&header, spec)?;
-        let ranges: Vec<Range<usize>> = std::iter::once(values)
-            .chain(scales)
-            .map(|r| r.start as usize..r.end as usize)
-            .collect();
-        let (buf, placed) = copy_ranges(path, bytes, &ranges)?;
-        Ok(Self::from_placed(path, spec, buf, placed))
+        // `parse` checked every tensor against `bytes.len()`; `get` says so again.
+        let slice = |r: Range<u64>| {
+            let (start, end) = (to_usize(path, r.start)?, to_usize(path, r.end)?);
+            bytes.get(start..end).ok_or_else(|| {
+                EngramError::file(
+                    path,
+                    format!("bytes {r:?} lie past the end of its {} bytes", bytes.len()),
+                )
+            })
+        };
+        let scales = scales.map(slice).transpose()?;
+        let bytes =
+            TableBytes::copy_of(slice(values)?, scales).map_err(|e| EngramError::file(path, e))?;
+        Ok(Self::new(path, spec, bytes))
     }
 
     /// Finds layer `layout.layer_id`'s table in the file at `path` (header only, checked
@@ -138,31 +153,12 @@ impl CpuTable {
         }
     }
 
-    fn from_placed(
-        path: &Path,
-        spec: &TableSpec,
-        buf: storage::AlignedBytes,
-        placed: Vec<Range<usize>>,
-    ) -> Self {
-        let values = placed[0].clone();
-        let scales = placed.get(1).cloned().unwrap_or(0..0);
-        Self::new(path, spec, Storage::Owned(buf), values, scales)
-    }
-
-    fn new(
-        path: &Path,
-        spec: &TableSpec,
-        storage: Storage,
-        values: Range<usize>,
-        scales: Range<usize>,
-    ) -> Self {
+    fn new(path: &Path, spec: &TableSpec, bytes: TableBytes) -> Self {
         Self {
             name: format!("{}:{}", path.display(), spec.tensor),
             path: path.to_path_buf(),
             spec: spec.clone(),
-            storage,
-            values,
-            scales,
+            bytes,
             parallel_min_bytes: DEFAULT_PARALLEL_MIN_BYTES,
         }
     }
@@ -178,7 +174,7 @@ impl CpuTable {
 
     /// Whether the rows are memory-mapped (else they are in RAM).
     pub fn is_mmap(&self) -> bool {
-        matches!(self.storage, Storage::Mmap(_))
+        self.bytes.is_file()
     }
 
     /// Gathers moving at least this many bytes are split across rayon's threads;
@@ -189,12 +185,12 @@ impl CpuTable {
 
     /// The stored rows, `[rows, width]` elements of the stored type, little-endian.
     pub fn values_bytes(&self) -> &[u8] {
-        &self.storage.bytes()[self.values.clone()]
+        self.bytes.values()
     }
 
-    /// F8 tables: the stored E8M0 scales, `[rows, ceil(width / 32)]`; empty otherwise.
+    /// F8 tables: the stored E8M0 scales, `[rows, ceil(width / SCALE_BLOCK)]`; empty otherwise.
     pub fn scales_bytes(&self) -> &[u8] {
-        &self.storage.bytes()[self.scales.clone()]
+        self.bytes.scales().unwrap_or(&[])
     }
 
     fn rows(&self) -> Rows<'_> {
@@ -208,7 +204,7 @@ impl CpuTable {
     }
 
     /// Copies rows `row_ids` as stored into `out` (`[row_ids.len(), row_bytes()]`): each
-    /// row's values (little-endian), then, for F8 tables, its `ceil(width / 32)` scales. An
+    /// row's values (little-endian), then, for F8 tables, its `ceil(width / SCALE_BLOCK)` scales. An
     /// id past the end of the table is an error; `out` may then be partly written.
     pub fn gather_raw(&self, row_ids: &[u64], out: &mut [u8]) -> Result<()> {
         let row_bytes = self.row_bytes();
@@ -314,4 +310,13 @@ fn locate(
         (None, _) => None,
     };
     Ok((header.byte_range(&spec.tensor)?, scales))
+}
+
+fn to_usize(path: &Path, n: u64) -> Result<usize> {
+    usize::try_from(n).map_err(|_| {
+        EngramError::file(
+            path,
+            format!("{n} bytes do not fit this machine's address space"),
+        )
+    })
 }

@@ -110,7 +110,9 @@ __device__ __forceinline__ float e4m3_to_f32(u32 b) {
     return __uint_as_float(__float_as_uint(v) | sign);
 }
 
-// E8M0 scale: 2^(b - 127); 0 is the subnormal 2^-127; 0xff is NaN.
+// E8M0 scale: 2^(b - 127); 0 is the subnormal 2^-127; 0xff is NaN. An FP8 row carries one
+// scale per 32 columns (`c >> 5` below and in gather.cu): the Rust side's one definition of
+// that block is `engram_core::dtype::FP8_SCALE_BLOCK`, which these literals must match.
 __device__ __forceinline__ float e8m0_to_f32(u32 b) {
     if (b == 0xffu) return __uint_as_float(0x7fc00000u);
     if (b == 0u) return __uint_as_float(0x00400000u);

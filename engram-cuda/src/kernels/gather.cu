@@ -5,7 +5,8 @@
 //                host memory seen through a device pointer: zero-copy);
 //   src[i] <  0: row -src[i]-1 of table B (rows staged in order by the host);
 //   src == 0:    row i of table B.
-// `*_scales` are the E8M0 scales of FP8 rows (one byte per 32 columns), else 0.
+// `*_scales` are the E8M0 scales of FP8 rows (one byte per 32 columns, written `>> 5` and
+// `/ 32` here: `engram_core::dtype::FP8_SCALE_BLOCK` on the Rust side), else 0.
 //
 // A lane converts 8 columns at a time (4 for f32) with one 8- or 16-byte load and 16-byte
 // stores when the row and the output are aligned for it (every table this crate builds
