@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use engram_core::checkpoint::{SafetensorsHeader, TableSpec};
 use engram_core::dtype::{
@@ -20,19 +19,6 @@ use engram_core::table::{DenseTable, TableStore};
 use engram_core::{EngramError, Result as CoreResult};
 
 use crate::error::{CudaBackendError, Result};
-
-/// Where a table's bytes live: the core's [`Backing`](engram_core::table::bytes::Backing)
-/// (anonymous memory or a read-only file map), which the zero-copy placement registers.
-pub(crate) use engram_core::table::bytes::Backing;
-
-/// The values or the scales of a [`HostTable`] as the zero-copy placement registers
-/// them: the backing and where in it they start. A view of the table's [`TableBytes`]
-/// (see [`HostTable::bytes`]), kept for `table/zero_copy.rs`.
-#[derive(Clone)]
-pub(crate) struct HostBytes {
-    pub backing: Arc<Backing>,
-    pub offset: usize,
-}
 
 /// Bytes of one row's values (scales excluded): [`RowDtype::value_row_bytes`].
 pub fn value_row_bytes(dtype: RowDtype, width: usize) -> usize {
@@ -63,9 +49,6 @@ pub struct HostTable {
     rows: u64,
     width: usize,
     bytes: TableBytes,
-    /// `bytes`' values and scales as `table/zero_copy.rs` reads them.
-    pub(crate) values: HostBytes,
-    pub(crate) scales: Option<HostBytes>,
 }
 
 impl std::fmt::Debug for HostTable {
@@ -116,17 +99,11 @@ impl HostTable {
     }
 
     fn new(name: String, dtype: RowDtype, rows: u64, width: usize, bytes: TableBytes) -> Self {
-        let view = |offset| HostBytes {
-            backing: bytes.backing().clone(),
-            offset,
-        };
         Self {
             name,
             dtype,
             rows,
             width,
-            values: view(bytes.values_offset()),
-            scales: bytes.scales_offset().map(view),
             bytes,
         }
     }

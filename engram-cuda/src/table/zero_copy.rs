@@ -16,7 +16,8 @@ use super::staging::{write_i64s, Layout};
 use super::{launch_gather, DeviceTableStore, GatherSources, Placement, Prefetch};
 use crate::backend::{mapped_device_ptr, CudaBackend};
 use crate::error::{CudaBackendError, DriverResultExt, Result};
-use crate::host_table::{Backing, HostTable};
+use crate::host_table::HostTable;
+use engram_core::table::bytes::Backing;
 
 /// Host memory registered with the driver; unregistered on drop (after the device is idle).
 struct Registration {
@@ -114,31 +115,18 @@ impl ZeroCopyTable {
     /// [`CudaBackendError::Unsupported`] where the driver refuses (some drivers refuse
     /// file mappings).
     pub fn new(backend: &CudaBackend, host: HostTable) -> Result<Self> {
-        let mut regs: Vec<Registration> = Vec::new();
-        let mut addr = |bytes: &crate::host_table::HostBytes| -> Result<u64> {
-            let reg = match regs
-                .iter()
-                .position(|r| Arc::ptr_eq(&r.backing, &bytes.backing))
-            {
-                Some(i) => &regs[i],
-                None => {
-                    regs.push(Registration::new(backend, &bytes.backing)?);
-                    regs.last().expect("just pushed")
-                }
-            };
-            Ok(reg.dptr + bytes.offset as u64)
-        };
-        let values_dptr = addr(&host.values)?;
-        let scales_dptr = match &host.scales {
-            Some(s) => addr(s)?,
-            None => 0,
-        };
+        // Values and scales share one mapping: one registration covers both.
+        let bytes = host.bytes();
+        let reg = Registration::new(backend, bytes.backing())?;
+        let values_dptr = reg.dptr + bytes.values_offset() as u64;
+        let scales_dptr = bytes.scales_offset().map_or(0, |o| reg.dptr + o as u64);
+        let regs = vec![reg];
         let align = match host.dtype() {
             RowDtype::F32 => 4,
             RowDtype::BF16 | RowDtype::F16 => 2,
             RowDtype::F8E4M3Scaled => 1,
         };
-        if values_dptr % align != 0 {
+        if !values_dptr.is_multiple_of(align) {
             return Err(CudaBackendError::Unsupported {
                 what: "zero-copy reads of this table".into(),
                 reason: format!(
