@@ -44,26 +44,32 @@ pub fn stage_rows_with(
     parallel: bool,
 ) {
     let (rb, sb) = (host.value_row_bytes(), host.scale_row_bytes());
+    // The table's slices once, not per row (each lookup goes through the shared mapping).
+    let (table_values, table_scales) = (host.values(), host.scales().unwrap_or(&[]));
+    let row = |r: u64, n: usize| -> std::ops::Range<usize> {
+        let at = r as usize * n;
+        at..at + n
+    };
     if parallel {
         values
             .par_chunks_mut(rb)
             .with_min_len(64)
             .zip(rows.par_iter())
-            .for_each(|(d, &r)| d.copy_from_slice(host.row_values(r)));
+            .for_each(|(d, &r)| d.copy_from_slice(&table_values[row(r, rb)]));
         if sb > 0 {
             scales
                 .par_chunks_mut(sb)
                 .with_min_len(256)
                 .zip(rows.par_iter())
-                .for_each(|(d, &r)| d.copy_from_slice(host.row_scales(r)));
+                .for_each(|(d, &r)| d.copy_from_slice(&table_scales[row(r, sb)]));
         }
     } else {
         for (d, &r) in values.chunks_exact_mut(rb).zip(rows) {
-            d.copy_from_slice(host.row_values(r));
+            d.copy_from_slice(&table_values[row(r, rb)]);
         }
         if sb > 0 {
             for (d, &r) in scales.chunks_exact_mut(sb).zip(rows) {
-                d.copy_from_slice(host.row_scales(r));
+                d.copy_from_slice(&table_scales[row(r, sb)]);
             }
         }
     }
