@@ -296,7 +296,9 @@ impl std::fmt::Display for LayerReport {
     }
 }
 
-fn check_v41(got: &[f32], want: &[f32], tol: Tolerance, what: &str) -> usize {
+/// Panics unless V4.1 output `got` is within `tol` of the reference's `want`; returns how
+/// many elements differ at all.
+pub fn assert_v41_close(got: &[f32], want: &[f32], tol: Tolerance, what: &str) -> usize {
     let (off, max_ulp) = bf16_distance_over(got, want, 0);
     let (beyond, _) = bf16_distance_over(got, want, 1);
     let n = want.len() as f64;
@@ -370,7 +372,7 @@ fn v41_case(
     let dead = (!seed.is_multiple_of(3)).then_some(&dead[..]);
     let want = run(&reference, &batch, &hidden, &emb, dead);
     let got = run(layer.as_ref(), &batch, &hidden, &emb, dead);
-    let off = check_v41(
+    let off = assert_v41_close(
         &got.out,
         &want.out,
         tol,
