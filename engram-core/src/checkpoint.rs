@@ -714,39 +714,54 @@ pub enum LayerWeights {
 
 impl LayerWeights {
     /// Checks that the weights are of `cfg`'s variant and every vector has the length
-    /// `cfg` gives it (an error naming the first one that does not).
+    /// `cfg` gives it: an error naming the first tensor (and branch) that does not. Every
+    /// backend's layer constructor calls this before it touches the weights.
     pub fn check(&self, cfg: &EngramConfig) -> Result<()> {
         let (g, d, e) = (cfg.hc_mult, cfg.hidden_size, cfg.embed_dim());
-        let len = |what: &str, got: usize, want: usize| -> Result<()> {
+        let len = |what: String, want: usize, got: usize| -> Result<()> {
             if got == want {
                 Ok(())
             } else {
-                Err(EngramError::shape(what, want.to_string(), got))
+                Err(EngramError::shape(what, want, got))
             }
         };
-        let each = |what: &str, v: &[Vec<f32>], want: usize| -> Result<()> {
-            len(what, v.len(), g)?;
-            v.iter().try_for_each(|x| len(what, x.len(), want))
+        let branches = |name: &str, v: &[Vec<f32>], each: usize| -> Result<()> {
+            len(format!("paper weights `{name}`: branches"), g, v.len())?;
+            v.iter()
+                .enumerate()
+                .try_for_each(|(h, x)| len(format!("paper weights `{name}.{h}`"), each, x.len()))
         };
         match (self, cfg.variant) {
             (LayerWeights::Paper(w), Variant::Paper) => {
-                each("key projection weights", &w.key_weight, d * e)?;
-                each("key projection biases", &w.key_bias, d)?;
-                len("value projection weight", w.value_weight.len(), d * e)?;
-                len("value projection bias", w.value_bias.len(), d)?;
-                each("norm1", &w.norm1, d)?;
-                each("norm2", &w.norm2, d)?;
+                branches("key_projs.weight", &w.key_weight, d * e)?;
+                branches("key_projs.bias", &w.key_bias, d)?;
                 len(
-                    "short-conv weight",
-                    w.conv_weight.len(),
-                    g * d * cfg.kernel_size,
+                    "paper weights `value_proj.weight`".into(),
+                    d * e,
+                    w.value_weight.len(),
                 )?;
-                each("short-conv norms", &w.conv_norms, d)
+                len(
+                    "paper weights `value_proj.bias`".into(),
+                    d,
+                    w.value_bias.len(),
+                )?;
+                branches("norm1", &w.norm1, d)?;
+                branches("norm2", &w.norm2, d)?;
+                branches("short_conv.norms", &w.conv_norms, d)?;
+                len(
+                    "paper weights `short_conv.conv.weight`".into(),
+                    g * d * cfg.kernel_size,
+                    w.conv_weight.len(),
+                )
             }
             (LayerWeights::V41(w), Variant::V41) => {
-                len("wkv", w.wkv.len(), (g + 1) * d * e)?;
-                len("q_weight", w.q_weight.len(), g * d)?;
-                len("k_weight", w.k_weight.len(), g * d)
+                len(
+                    "V4.1 weights `wkv.weight`".into(),
+                    (g + 1) * d * e,
+                    w.wkv.len(),
+                )?;
+                len("V4.1 weights `q_weight`".into(), g * d, w.q_weight.len())?;
+                len("V4.1 weights `k_weight`".into(), g * d, w.k_weight.len())
             }
             _ => Err(EngramError::config(
                 "variant",

@@ -80,6 +80,7 @@ impl CpuLayer {
     pub fn new(cfg: EngramConfig, layer_id: usize, weights: LayerWeights) -> Result<Self> {
         cfg.validate()?;
         cfg.layer_index(layer_id)?;
+        weights.check(&cfg)?;
         let math = match (weights, cfg.variant) {
             (LayerWeights::Paper(w), Variant::Paper) => Math::Paper(PaperLayer::new(&cfg, &w)?),
             (LayerWeights::V41(w), Variant::V41) => Math::V41(V41Layer::new(&cfg, w)?),

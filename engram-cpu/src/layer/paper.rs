@@ -7,7 +7,7 @@ use engram_core::checkpoint::PaperWeights;
 use engram_core::config::{
     EngramConfig, GATE_SCORE_CLAMP, PAPER_CONV_NORM_EPS, PAPER_GATE_NORM_EPS,
 };
-use engram_core::{EngramError, Result};
+use engram_core::Result;
 use rayon::prelude::*;
 
 use super::matmul::Projection;
@@ -34,22 +34,6 @@ pub(crate) struct PaperLayer {
     conv_weight: Vec<f32>,
 }
 
-fn check_len(what: String, expected: usize, got: usize) -> Result<()> {
-    if expected == got {
-        Ok(())
-    } else {
-        Err(EngramError::shape(what, expected, got))
-    }
-}
-
-fn check_branches(name: &str, v: &[Vec<f32>], g: usize, each: usize) -> Result<()> {
-    check_len(format!("paper weights `{name}`: branches"), g, v.len())?;
-    for (h, x) in v.iter().enumerate() {
-        check_len(format!("paper weights `{name}.{h}`"), each, x.len())?;
-    }
-    Ok(())
-}
-
 impl PaperLayer {
     pub(crate) fn new(cfg: &EngramConfig, w: &PaperWeights) -> Result<Self> {
         let (g, d, e, k) = (
@@ -58,27 +42,8 @@ impl PaperLayer {
             cfg.embed_dim(),
             cfg.kernel_size,
         );
-        check_branches("key_projs.weight", &w.key_weight, g, d * e)?;
-        check_branches("key_projs.bias", &w.key_bias, g, d)?;
-        check_len(
-            "paper weights `value_proj.weight`".into(),
-            d * e,
-            w.value_weight.len(),
-        )?;
-        check_len(
-            "paper weights `value_proj.bias`".into(),
-            d,
-            w.value_bias.len(),
-        )?;
-        check_branches("norm1", &w.norm1, g, d)?;
-        check_branches("norm2", &w.norm2, g, d)?;
-        check_branches("short_conv.norms", &w.conv_norms, g, d)?;
+        // Sizes checked by `LayerWeights::check` (CpuLayer::new).
         let c = g * d;
-        check_len(
-            "paper weights `short_conv.conv.weight`".into(),
-            c * k,
-            w.conv_weight.len(),
-        )?;
 
         let mut stacked = Vec::with_capacity((g + 1) * d * e);
         w.key_weight

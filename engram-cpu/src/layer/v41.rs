@@ -5,7 +5,7 @@
 use engram_core::checkpoint::V41Weights;
 use engram_core::config::{EngramConfig, GATE_SCORE_CLAMP};
 use engram_core::dtype::round_bf16;
-use engram_core::{EngramError, Result};
+use engram_core::Result;
 use rayon::prelude::*;
 
 use super::matmul::Projection;
@@ -28,20 +28,7 @@ pub(crate) struct V41Layer {
 impl V41Layer {
     pub(crate) fn new(cfg: &EngramConfig, w: V41Weights) -> Result<Self> {
         let (g, d, e) = (cfg.hc_mult, cfg.hidden_size, cfg.embed_dim());
-        let check = |what: &str, expected: usize, got: usize| {
-            if expected == got {
-                Ok(())
-            } else {
-                Err(EngramError::shape(
-                    format!("V4.1 weights `{what}`"),
-                    expected,
-                    got,
-                ))
-            }
-        };
-        check("wkv.weight", (g + 1) * d * e, w.wkv.len())?;
-        check("q_weight", g * d, w.q_weight.len())?;
-        check("k_weight", g * d, w.k_weight.len())?;
+        // Sizes checked by `LayerWeights::check` (CpuLayer::new).
         Ok(Self {
             g,
             d,

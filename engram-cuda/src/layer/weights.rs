@@ -10,7 +10,7 @@ use engram_core::config::{EngramConfig, Variant};
 
 use super::CudaLayer;
 use crate::backend::CudaBackend;
-use crate::error::{CudaBackendError, Result};
+use crate::error::Result;
 
 #[allow(clippy::large_enum_variant)] // one per layer
 pub(super) enum DeviceWeights {
@@ -33,16 +33,6 @@ pub(super) enum DeviceWeights {
     },
 }
 
-fn expect_len(what: &str, got: usize, want: usize) -> Result<()> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(CudaBackendError::Invalid(format!(
-            "layer weights: {what} has {got} values, expected {want}"
-        )))
-    }
-}
-
 impl CudaLayer {
     /// Uploads layer `layer_id`'s weights (checked against `cfg`).
     pub fn new(
@@ -52,47 +42,28 @@ impl CudaLayer {
         weights: &LayerWeights,
     ) -> Result<Self> {
         cfg.layer_index(layer_id)?;
+        weights.check(&cfg)?;
         let (g, d, e) = (cfg.hc_mult, cfg.hidden_size, cfg.embed_dim());
         let weights = match (weights, cfg.variant) {
             (LayerWeights::Paper(w), Variant::Paper) => {
-                expect_len("key projections", w.key_weight.len(), g)?;
                 let mut wcat = Vec::with_capacity((g + 1) * d * e);
                 let mut bias = Vec::with_capacity((g + 1) * d);
                 for h in 0..g {
-                    expect_len("a key projection", w.key_weight[h].len(), d * e)?;
-                    expect_len("a key bias", w.key_bias[h].len(), d)?;
                     wcat.extend_from_slice(&w.key_weight[h]);
                     bias.extend_from_slice(&w.key_bias[h]);
                 }
-                expect_len("the value projection", w.value_weight.len(), d * e)?;
-                expect_len("the value bias", w.value_bias.len(), d)?;
                 wcat.extend_from_slice(&w.value_weight);
                 bias.extend_from_slice(&w.value_bias);
-                let flat = |what: &str, v: &[Vec<f32>]| -> Result<Vec<f32>> {
-                    expect_len(what, v.len(), g)?;
-                    for x in v {
-                        expect_len(what, x.len(), d)?;
-                    }
-                    Ok(v.concat())
-                };
-                expect_len(
-                    "the short-conv weight",
-                    w.conv_weight.len(),
-                    g * d * cfg.kernel_size,
-                )?;
                 DeviceWeights::Paper {
                     w: backend.upload(&wcat)?,
                     bias: backend.upload(&bias)?,
-                    norm1: backend.upload(&flat("norm1", &w.norm1)?)?,
-                    norm2: backend.upload(&flat("norm2", &w.norm2)?)?,
+                    norm1: backend.upload(&w.norm1.concat())?,
+                    norm2: backend.upload(&w.norm2.concat())?,
                     conv_w: backend.upload(&w.conv_weight)?,
-                    conv_norm: backend.upload(&flat("short_conv.norms", &w.conv_norms)?)?,
+                    conv_norm: backend.upload(&w.conv_norms.concat())?,
                 }
             }
             (LayerWeights::V41(w), Variant::V41) => {
-                expect_len("wkv", w.wkv.len(), (g + 1) * d * e)?;
-                expect_len("q_weight", w.q_weight.len(), g * d)?;
-                expect_len("k_weight", w.k_weight.len(), g * d)?;
                 let wqk: Vec<f32> = w
                     .q_weight
                     .iter()
