@@ -53,12 +53,69 @@ pub trait TableStore: Send + Sync {
         Ok(())
     }
 
+    /// What the store did to serve gathers since it opened (a cache's hits, reads of
+    /// the medium behind it). Stores that are plain memory report zeros; a store that
+    /// wraps another adds the inner store's counters to its own.
+    fn counters(&self) -> StoreCounters {
+        StoreCounters::default()
+    }
+
     /// The error for a gather of `row`, past the end of this table.
     fn row_out_of_range(&self, row: u64) -> EngramError {
         EngramError::RowOutOfRange {
             row,
             rows: self.num_rows(),
             table: self.name().to_string(),
+        }
+    }
+}
+
+/// Running totals of what a store did beyond copying rows out of memory: a hot-row
+/// cache's hits and misses, and reads of the medium behind it (a disk, a remote store).
+/// Every field but `cache_bytes` only grows, so the difference of two readings is what
+/// happened between them ([`StoreCounters::since`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCounters {
+    /// Rows found in a hot-row cache.
+    pub cache_hits: u64,
+    /// Rows looked for in a hot-row cache and not found there.
+    pub cache_misses: u64,
+    /// Bytes the cache holds now (a level: `since` keeps the later reading).
+    pub cache_bytes: u64,
+    /// Reads issued to the medium behind the store (disk reads, network round trips).
+    pub backing_reads: u64,
+    /// Bytes those reads returned.
+    pub backing_bytes: u64,
+}
+
+impl StoreCounters {
+    /// Sums two stores' counters (a wrapper and the store it wraps, or several tables).
+    pub fn add(&mut self, other: &StoreCounters) {
+        self.cache_hits += other.cache_hits;
+        self.cache_misses += other.cache_misses;
+        self.cache_bytes += other.cache_bytes;
+        self.backing_reads += other.backing_reads;
+        self.backing_bytes += other.backing_bytes;
+    }
+
+    /// What happened between `earlier` and this reading of the same store.
+    pub fn since(&self, earlier: &StoreCounters) -> StoreCounters {
+        StoreCounters {
+            cache_hits: self.cache_hits.saturating_sub(earlier.cache_hits),
+            cache_misses: self.cache_misses.saturating_sub(earlier.cache_misses),
+            cache_bytes: self.cache_bytes,
+            backing_reads: self.backing_reads.saturating_sub(earlier.backing_reads),
+            backing_bytes: self.backing_bytes.saturating_sub(earlier.backing_bytes),
+        }
+    }
+
+    /// Hits over lookups (0 when the cache was never asked).
+    pub fn hit_rate(&self) -> f64 {
+        let lookups = self.cache_hits + self.cache_misses;
+        if lookups == 0 {
+            0.0
+        } else {
+            self.cache_hits as f64 / lookups as f64
         }
     }
 }
@@ -126,5 +183,36 @@ mod tests {
         let e = t.gather_f32(&[2, 0], &mut out).unwrap_err().to_string();
         assert!(e.contains("row id 2") && e.contains("`t`"), "{e}");
         assert!(t.gather_f32(&[0], &mut out).is_err());
+    }
+
+    #[test]
+    fn counters_since_subtract_totals_and_keep_the_level() {
+        let earlier = StoreCounters {
+            cache_hits: 3,
+            cache_misses: 1,
+            cache_bytes: 100,
+            backing_reads: 2,
+            backing_bytes: 8192,
+        };
+        let later = StoreCounters {
+            cache_hits: 10,
+            cache_misses: 4,
+            cache_bytes: 60,
+            backing_reads: 5,
+            backing_bytes: 16384,
+        };
+        let d = later.since(&earlier);
+        assert_eq!(
+            d,
+            StoreCounters {
+                cache_hits: 7,
+                cache_misses: 3,
+                cache_bytes: 60,
+                backing_reads: 3,
+                backing_bytes: 8192,
+            }
+        );
+        assert!((d.hit_rate() - 0.7).abs() < 1e-12);
+        assert_eq!(StoreCounters::default().hit_rate(), 0.0);
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use engram_core::table::TableStore;
+use engram_core::table::{StoreCounters, TableStore};
 use engram_cuda::Prefetch;
 
 use crate::device::DeviceRows;
@@ -31,25 +31,34 @@ pub type Fetched = std::result::Result<FetchedRows, FetchError>;
 /// Where a fetch's result lands; the host waits on it.
 #[derive(Default)]
 pub struct FetchSlot {
-    result: Mutex<Option<(Fetched, Duration)>>,
+    result: Mutex<Option<FetchOutcome>>,
     ready: Condvar,
 }
 
+/// A finished fetch: its rows (or error), how long it took, what the store did for it.
+pub struct FetchOutcome {
+    pub rows: Fetched,
+    pub took: Duration,
+    /// The store's counters over the gather (another step's gather on the same store at
+    /// the same time would be counted in both).
+    pub store: StoreCounters,
+}
+
 impl FetchSlot {
-    fn fill(&self, value: Fetched, took: Duration) {
-        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some((value, took));
+    fn fill(&self, outcome: FetchOutcome) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
         self.ready.notify_all();
     }
 
-    /// Blocks until the rows are there; returns them, the fetch time and the wait.
-    pub fn wait(&self) -> (Fetched, Duration, Duration) {
+    /// Blocks until the rows are there; returns the fetch and the time waited here.
+    pub fn wait(&self) -> (FetchOutcome, Duration) {
         let start = Instant::now();
         let mut guard = self.result.lock().unwrap_or_else(|e| e.into_inner());
         while guard.is_none() {
             guard = self.ready.wait(guard).unwrap_or_else(|e| e.into_inner());
         }
-        let (value, took) = guard.take().expect("checked above");
-        (value, took, start.elapsed())
+        let outcome = guard.take().expect("checked above");
+        (outcome, start.elapsed())
     }
 }
 
@@ -66,6 +75,7 @@ impl FetchJob {
     /// Runs the gather here and fills the slot (used by the worker and by synchronous mode).
     pub fn run(self) {
         let start = Instant::now();
+        let before = self.table.counters();
         // A panicking store must not leave the host waiting forever on this slot.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if let Some(device) = &self.device {
@@ -80,7 +90,12 @@ impl FetchJob {
                 table: self.table.name().to_string(),
             })
         });
-        self.slot.fill(result, start.elapsed());
+        let took = start.elapsed();
+        self.slot.fill(FetchOutcome {
+            rows: result,
+            took,
+            store: self.table.counters().since(&before),
+        });
     }
 }
 
@@ -148,6 +163,8 @@ mod tests {
     #[derive(Default)]
     struct WhereTable {
         seen: Mutex<Option<(String, usize)>>,
+        /// Rows gathered so far, reported as cache misses.
+        gathers: Mutex<u64>,
     }
 
     impl TableStore for WhereTable {
@@ -163,8 +180,16 @@ mod tests {
         fn dtype(&self) -> RowDtype {
             RowDtype::F32
         }
+        fn counters(&self) -> StoreCounters {
+            StoreCounters {
+                cache_misses: *self.gathers.lock().unwrap(),
+                cache_bytes: 7,
+                ..Default::default()
+            }
+        }
         fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> engram_core::Result<()> {
             self.check_gather(row_ids, out.len())?;
+            *self.gathers.lock().unwrap() += row_ids.len() as u64;
             let thread = std::thread::current().name().unwrap_or("").to_string();
             *self.seen.lock().unwrap() = Some((thread, rayon::current_num_threads()));
             out.fill(1.0);
@@ -175,6 +200,7 @@ mod tests {
     #[test]
     fn gathers_run_on_the_fetchers_own_pool() {
         let table = Arc::new(WhereTable::default());
+        *table.gathers.lock().unwrap() = 5; // counted before this fetch
         let fetcher = Prefetcher::spawn(3).unwrap();
         let slot = Arc::new(FetchSlot::default());
         fetcher.submit(FetchJob {
@@ -183,8 +209,11 @@ mod tests {
             rows: Arc::new(vec![0, 3]),
             slot: slot.clone(),
         });
-        let (rows, _, _) = slot.wait();
-        match rows {
+        let (outcome, _) = slot.wait();
+        // The outcome carries what the store counted during this gather only.
+        assert_eq!(outcome.store.cache_misses, 2);
+        assert_eq!(outcome.store.cache_bytes, 7);
+        match outcome.rows {
             Ok(FetchedRows::Host(rows)) => assert_eq!(rows, vec![1.0; 4]),
             _ => panic!("expected host rows"),
         }

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use engram_core::table::StoreCounters;
+
 /// Counters of one step, or totals over many.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct LookupStats {
@@ -20,6 +22,11 @@ pub struct LookupStats {
     pub exposed_wait: Duration,
     /// Sequences whose state was dropped to stay under the live-state bound.
     pub evicted_sequences: u64,
+    /// What the table stores did for these gathers: hot-row cache hits and misses, reads
+    /// of a disk or remote store behind them (zeros for tables plainly in memory).
+    /// `cache_bytes` is the caches' size at the end.
+    #[serde(flatten)]
+    pub store: StoreCounters,
 }
 
 fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -35,6 +42,9 @@ impl LookupStats {
         self.fetch_time += other.fetch_time;
         self.exposed_wait += other.exposed_wait;
         self.evicted_sequences += other.evicted_sequences;
+        let level = other.store.cache_bytes;
+        self.store.add(&other.store);
+        self.store.cache_bytes = level;
     }
 
     /// Exposed wait as a fraction of fetch time (0 when nothing was fetched).

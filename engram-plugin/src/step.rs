@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use engram_core::sequence::{layer_segments, SequenceState, StepRows};
 
 use crate::error::{PluginError, Result};
-use crate::prefetch::{FetchJob, FetchSlot, FetchedRows};
+use crate::prefetch::{FetchJob, FetchOutcome, FetchSlot, FetchedRows};
 use crate::runtime::{EngramRuntime, Padding};
 use crate::stats::LookupStats;
 use crate::trace::TracedInput;
@@ -175,15 +175,16 @@ impl<'r> Step<'r> {
     }
 
     fn take_rows(&mut self, l: usize, layer_id: usize) -> Result<FetchedRows> {
-        let (fetched, took, waited) =
+        let (outcome, waited) =
             match std::mem::replace(&mut self.fetches[l], PendingFetch::Consumed) {
                 PendingFetch::Queued(slot) => slot.wait(),
                 PendingFetch::Deferred(job) => {
                     let slot = job.slot.clone();
                     job.run();
-                    let (value, took, _) = slot.wait();
+                    let (outcome, _) = slot.wait();
                     // Fetching inside `apply` is all exposed.
-                    (value, took, took)
+                    let took = outcome.took;
+                    (outcome, took)
                 }
                 PendingFetch::Consumed => {
                     return Err(PluginError::Step(format!(
@@ -191,9 +192,17 @@ impl<'r> Step<'r> {
                     )))
                 }
             };
-        self.stats.fetch_time += took;
+        self.count(&outcome);
         self.stats.exposed_wait += waited;
-        fetched.map_err(|source| PluginError::Fetch { layer_id, source })
+        outcome
+            .rows
+            .map_err(|source| PluginError::Fetch { layer_id, source })
+    }
+
+    fn count(&mut self, outcome: &FetchOutcome) {
+        self.stats.fetch_time += outcome.took;
+        // Layers' caches are separate: their sizes add up within a step.
+        self.stats.store.add(&outcome.store);
     }
 
     fn close(&mut self) {
@@ -202,6 +211,7 @@ impl<'r> Step<'r> {
         }
         self.closed = true;
         // Rows never asked for still had to be fetched; wait so the stats stay whole.
+        let mut unapplied = Vec::new();
         for (l, f) in self.fetches.iter_mut().enumerate() {
             if !matches!(f, PendingFetch::Consumed) {
                 tracing::warn!(
@@ -210,9 +220,11 @@ impl<'r> Step<'r> {
                 );
             }
             if let PendingFetch::Queued(slot) = std::mem::replace(f, PendingFetch::Consumed) {
-                let (_, took, _) = slot.wait();
-                self.stats.fetch_time += took;
+                unapplied.push(slot.wait().0);
             }
+        }
+        for outcome in &unapplied {
+            self.count(outcome);
         }
         self.stats.evicted_sequences = self.runtime.return_states(std::mem::take(&mut self.states));
         self.runtime.record(&self.stats);

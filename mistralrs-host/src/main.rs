@@ -287,6 +287,7 @@ fn since(total: &LookupStats, earlier: &LookupStats) -> LookupStats {
         fetch_time: total.fetch_time.saturating_sub(earlier.fetch_time),
         exposed_wait: total.exposed_wait.saturating_sub(earlier.exposed_wait),
         evicted_sequences: total.evicted_sequences - earlier.evicted_sequences,
+        store: total.store.since(&earlier.store),
     }
 }
 
