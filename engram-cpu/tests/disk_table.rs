@@ -2,6 +2,7 @@
 //! in RAM, bit for bit, reads each page once per gather, and turns a read that fails (a
 //! file cut short while open) into an error naming the file and the row.
 
+use std::ops::Range;
 use std::path::Path;
 
 use engram_core::checkpoint::{SafetensorsHeader, TableSpec};
@@ -9,7 +10,9 @@ use engram_core::dtype::RowDtype;
 use engram_core::table::TableStore;
 use engram_core::testing::conformance::{check_store, RawTable};
 use engram_core::testing::TestRng;
-use engram_cpu::table::{CpuTable, DiskOptions, DiskTable, ReadEngine, PAGE_BYTES};
+use engram_cpu::table::{
+    CpuTable, DiskOptions, DiskTable, ReadEngine, FALLBACK_ENGINE, PAGE_BYTES,
+};
 
 const ALL: [RowDtype; 4] = [
     RowDtype::F32,
@@ -28,19 +31,16 @@ fn write_table(dir: &Path, raw: &RawTable, tag: &str) -> (std::path::PathBuf, Ta
 #[test]
 fn disk_tables_pass_the_store_suite() {
     let dir = tempfile::tempdir().unwrap();
-    // Default reads, one page per read (nothing merged), and a single read thread.
-    let variants = [
-        DiskOptions::default(),
-        DiskOptions {
-            max_read_bytes: PAGE_BYTES,
-            ..DiskOptions::default()
-        },
-        DiskOptions {
-            engine: ReadEngine::Threads(1),
-            ..DiskOptions::default()
-        },
+    // Read threads, one read thread, io_uring, and a ring shallower than a gather's
+    // reads (submitted in rounds).
+    let engines = [
+        ReadEngine::Threads(32),
+        ReadEngine::Threads(1),
+        ReadEngine::IoUring(64),
+        ReadEngine::IoUring(2),
     ];
-    for (i, options) in variants.into_iter().enumerate() {
+    for (i, engine) in engines.into_iter().enumerate() {
+        let options = DiskOptions { engine };
         let disk = |raw: &RawTable| -> Box<dyn TableStore> {
             let (path, spec) = write_table(dir.path(), raw, &i.to_string());
             Box::new(DiskTable::open(&path, &spec, options).unwrap())
@@ -60,104 +60,93 @@ fn a_many_page_table_reads_as_in_ram() {
         let (path, spec) = write_table(dir.path(), &raw, "big");
         let bytes = std::fs::read(&path).unwrap();
         let ram = CpuTable::from_bytes(&path, &bytes, &spec).unwrap();
-        let disk = DiskTable::open(
-            &path,
-            &spec,
-            DiskOptions {
-                max_read_bytes: 3 * PAGE_BYTES,
-                ..DiskOptions::default()
-            },
-        )
-        .unwrap();
-        for n in [1usize, 7, 500, 4000] {
-            let ids: Vec<u64> = (0..n).map(|_| rng.below(raw.rows)).collect();
-            let mut want = vec![0f32; n * 96];
-            let mut got = vec![f32::NAN; n * 96];
-            ram.gather_f32(&ids, &mut want).unwrap();
-            disk.gather_f32(&ids, &mut got).unwrap();
-            let same = want
-                .iter()
-                .zip(&got)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{dtype}: {n} rows differ from the table in RAM");
+        for engine in [ReadEngine::Threads(8), ReadEngine::IoUring(16)] {
+            let disk = DiskTable::open(&path, &spec, DiskOptions { engine }).unwrap();
+            for n in [1usize, 7, 500, 4000] {
+                let ids: Vec<u64> = (0..n).map(|_| rng.below(raw.rows)).collect();
+                let mut want = vec![0f32; n * 96];
+                let mut got = vec![f32::NAN; n * 96];
+                ram.gather_f32(&ids, &mut want).unwrap();
+                disk.gather_f32(&ids, &mut got).unwrap();
+                let same = want
+                    .iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{dtype} {engine:?}: {n} rows differ from the table in RAM"
+                );
+            }
         }
     }
 }
 
-/// The pages a set of rows covers, worked out from the header alone: how many, in how
-/// many runs of neighbours, and their bytes (the file's last page cut at its end).
-fn pages_of(path: &Path, spec: &TableSpec, rows: &[u64]) -> (u64, u64, u64) {
+/// The file ranges rows `ids` occupy, from the header alone.
+fn row_ranges(path: &Path, spec: &TableSpec, ids: &[u64]) -> Vec<Range<u64>> {
     let header = SafetensorsHeader::read_file(path).unwrap();
     let values = header.byte_range(&spec.tensor).unwrap();
     let row_bytes = (values.end - values.start) / spec.rows;
-    let mut pages: Vec<u64> = rows
-        .iter()
-        .flat_map(|&r| {
-            let start = values.start + r * row_bytes;
-            start / PAGE_BYTES..=(start + row_bytes - 1) / PAGE_BYTES
-        })
-        .collect();
-    pages.sort_unstable();
-    pages.dedup();
-    let runs = 1 + pages.windows(2).filter(|w| w[1] != w[0] + 1).count() as u64;
-    let file_len = header.file_len();
-    let bytes = pages
-        .iter()
-        .map(|p| ((p + 1) * PAGE_BYTES).min(file_len) - p * PAGE_BYTES)
-        .sum();
-    (pages.len() as u64, runs, bytes)
+    ids.iter()
+        .map(|&r| values.start + r * row_bytes..values.start + (r + 1) * row_bytes)
+        .collect()
 }
 
+fn pages(r: &Range<u64>) -> Range<u64> {
+    r.start / PAGE_BYTES..(r.end - 1) / PAGE_BYTES + 1
+}
+
+/// A gather's reads cover every row, read no page twice, and are what the counters say.
 #[test]
 fn each_page_is_read_once_per_gather() {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = TestRng::new(3);
     let raw = RawTable::random(&mut rng, RowDtype::BF16, 4000, 64); // 128-byte rows
     let (path, spec) = write_table(dir.path(), &raw, "pages");
-    let disk = DiskTable::open(
-        &path,
-        &spec,
-        DiskOptions {
-            max_read_bytes: PAGE_BYTES, // one read per page: reads count pages
-            ..DiskOptions::default()
-        },
-    )
-    .unwrap();
-    // Rows sharing pages, repeated; and rows far apart.
-    for ids in [
+    let disk = DiskTable::open(&path, &spec, DiskOptions::default()).unwrap();
+    let random: Vec<u64> = (0..3000).map(|_| rng.below(4000)).collect();
+    let cases = [
         vec![0u64, 1, 2, 1, 0, 33, 34, 2],
         vec![5, 1000, 2000, 3999, 1000, 5],
-    ] {
+        (0..200).collect(),
+        random,
+    ];
+    for ids in cases {
+        let reads = disk.plan_reads(&ids);
+        let rows = row_ranges(&path, &spec, &ids);
+        for r in &rows {
+            assert!(
+                reads.iter().any(|x| x.start <= r.start && r.end <= x.end),
+                "row bytes {r:?} not read"
+            );
+        }
+        let mut seen: Vec<u64> = reads.iter().flat_map(pages).collect();
+        let n = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "a page is read twice: {reads:?}");
+        // Rows of one page are one read: reads are at most the distinct pages' count.
+        let mut row_pages: Vec<u64> = rows.iter().map(|r| r.start / PAGE_BYTES).collect();
+        row_pages.sort_unstable();
+        row_pages.dedup();
+        assert!(
+            reads.len() <= row_pages.len(),
+            "{} reads for {} pages",
+            reads.len(),
+            row_pages.len()
+        );
+
         let before = disk.counters();
         let mut out = vec![0f32; ids.len() * 64];
         disk.gather_f32(&ids, &mut out).unwrap();
         let d = disk.counters().since(&before);
-        let (pages, _, bytes) = pages_of(&path, &spec, &ids);
-        assert_eq!(d.backing_reads, pages, "{ids:?}: reads");
-        assert_eq!(d.backing_bytes, bytes, "{ids:?}: bytes");
+        assert_eq!(d.backing_reads, reads.len() as u64);
+        assert_eq!(
+            d.backing_bytes,
+            reads.iter().map(|r| r.end - r.start).sum::<u64>()
+        );
     }
-    // With merging, neighbouring pages are one read: a run of rows, and two rows in
-    // pages that only touch (neither row straddles the boundary).
-    let merged = DiskTable::open(&path, &spec, DiskOptions::default()).unwrap();
-    let values_start = SafetensorsHeader::read_file(&path)
-        .unwrap()
-        .byte_range(&spec.tensor)
-        .unwrap()
-        .start;
-    let page_of = |r: u64| (values_start + r * 128) / PAGE_BYTES;
-    let inside = |r: u64| page_of(r) == (values_start + r * 128 + 127) / PAGE_BYTES;
-    let a = (0..4000).find(|&r| inside(r)).unwrap();
-    let b = (a..4000)
-        .find(|&r| inside(r) && page_of(r) == page_of(a) + 1)
-        .unwrap();
-    for ids in [(0..200).collect::<Vec<u64>>(), vec![a, b]] {
-        let before = merged.counters();
-        let mut out = vec![0f32; ids.len() * 64];
-        merged.gather_f32(&ids, &mut out).unwrap();
-        let (_, runs, _) = pages_of(&path, &spec, &ids);
-        assert_eq!(merged.counters().since(&before).backing_reads, runs);
-        assert_eq!(runs, 1);
-    }
+    // A run of neighbouring rows is one read.
+    assert_eq!(disk.plan_reads(&(0..200).collect::<Vec<_>>()).len(), 1);
 }
 
 #[test]
@@ -166,18 +155,42 @@ fn a_file_cut_short_while_open_is_an_error_naming_file_and_row() {
     let mut rng = TestRng::new(9);
     let raw = RawTable::random(&mut rng, RowDtype::F32, 2000, 64); // 256-byte rows
     let (path, spec) = write_table(dir.path(), &raw, "cut");
-    let disk = DiskTable::open(&path, &spec, DiskOptions::default()).unwrap();
+    let engines = [ReadEngine::Threads(4), ReadEngine::IoUring(8)];
+    let tables: Vec<DiskTable> = engines
+        .iter()
+        .map(|&engine| DiskTable::open(&path, &spec, DiskOptions { engine }).unwrap())
+        .collect();
     let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let len = file.metadata().unwrap().len();
     file.set_len(len / 2).unwrap();
 
+    for disk in &tables {
+        let mut out = vec![0f32; 64];
+        // A row well inside what is left still reads.
+        disk.gather_f32(&[3], &mut out).unwrap();
+        assert_eq!(out, raw.decoded_row(3));
+        // The last row is gone: an error naming the file and the row, not a signal.
+        let e = disk.gather_f32(&[1999], &mut out).unwrap_err().to_string();
+        assert!(e.contains("cut.safetensors"), "{disk:?}: {e}");
+        assert!(e.contains("row 1999"), "{disk:?}: {e}");
+        assert!(e.contains("short"), "{disk:?}: {e}");
+    }
+}
+
+/// A ring the kernel refuses (deeper than it allows) falls back to read threads, and
+/// the rows are still right.
+#[test]
+fn a_refused_ring_falls_back_to_read_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = TestRng::new(4);
+    let raw = RawTable::random(&mut rng, RowDtype::BF16, 100, 64);
+    let (path, spec) = write_table(dir.path(), &raw, "fallback");
+    let options = DiskOptions {
+        engine: ReadEngine::IoUring(1 << 20),
+    };
+    let disk = DiskTable::open(&path, &spec, options).unwrap();
+    assert_eq!(disk.engine(), FALLBACK_ENGINE);
     let mut out = vec![0f32; 64];
-    // A row well inside what is left still reads.
-    disk.gather_f32(&[3], &mut out).unwrap();
-    assert_eq!(out, raw.decoded_row(3));
-    // The last row is gone: an error naming the file and the row, not a signal.
-    let e = disk.gather_f32(&[1999], &mut out).unwrap_err().to_string();
-    assert!(e.contains("cut.safetensors"), "{e}");
-    assert!(e.contains("row 1999"), "{e}");
-    assert!(e.contains("short"), "{e}");
+    disk.gather_f32(&[42], &mut out).unwrap();
+    assert_eq!(out, raw.decoded_row(42));
 }

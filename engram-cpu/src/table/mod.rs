@@ -32,7 +32,7 @@ use engram_core::table::bytes::TableBytes;
 use engram_core::table::TableStore;
 use safetensors::Dtype;
 
-pub use disk::{DiskOptions, DiskTable, ReadEngine, PAGE_BYTES};
+pub use disk::{DiskOptions, DiskTable, ReadEngine, FALLBACK_ENGINE, PAGE_BYTES};
 pub use engram_core::table::bytes::AlignedBytes;
 use gather::{run_chunked, Rows};
 pub use gather::{OutputStores, SCALE_BLOCK};

@@ -2,10 +2,10 @@
 //!
 //! A memory-mapped table faults its pages in one at a time, on the thread that touches
 //! them, and a failed read (EIO, a file cut short) raises SIGBUS. This store instead plans
-//! each gather: the rows' byte ranges become a sorted set of page-aligned extents (each
-//! page read once per gather, however many rows share it; neighbouring pages merged into
-//! one read), the extents are read in parallel by the [`ReadEngine`], and the rows are
-//! decoded from what came back. A read that fails or comes back short is an error naming
+//! each gather: the rows' byte ranges become a sorted set of reads, one per run of rows
+//! sharing pages (each page read once per gather, however many rows share it), the reads
+//! are issued in parallel by the [`ReadEngine`], and the rows are decoded from what came
+//! back. A read that fails or comes back short is an error naming
 //! the file and a row in it. Reads go through the page cache: a warm table costs a
 //! `pread` per extent, a cold one as many disk reads in flight as the engine allows.
 //!
@@ -30,6 +30,8 @@ use rayon::prelude::*;
 use super::gather::{OutputStores, Rows};
 use super::locate;
 
+mod uring;
+
 /// Reads are planned in pages of this size (the kernel's page cache granule).
 pub const PAGE_BYTES: u64 = 4096;
 
@@ -40,29 +42,29 @@ pub enum ReadEngine {
     /// flight as threads. The threads wait on the disk, not on a core, so there can be
     /// many more than cores.
     Threads(usize),
+    /// Linux io_uring, one ring per table with this many reads in flight, submitted and
+    /// reaped by the calling thread (no thread per read).
+    IoUring(u32),
 }
 
+/// io_uring 512 deep: of the ways `engram bench-disk` compares, the fastest here cold,
+/// at decode size and at prefill size alike (docs/benchmarks-e2e.md, "Tables larger than
+/// RAM"). Where the kernel refuses io_uring, [`DiskTable::open`] falls back to
+/// [`FALLBACK_ENGINE`].
 impl Default for ReadEngine {
     fn default() -> Self {
-        ReadEngine::Threads(32)
+        ReadEngine::IoUring(512)
     }
 }
+
+/// The engine used where io_uring is refused (an old kernel, a seccomp profile that
+/// blocks it): the best `pread` pool of the same comparison.
+pub const FALLBACK_ENGINE: ReadEngine = ReadEngine::Threads(128);
 
 /// Options of [`DiskTable::open`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct DiskOptions {
     pub engine: ReadEngine,
-    /// Neighbouring pages are merged into reads of at most this many bytes.
-    pub max_read_bytes: u64,
-}
-
-impl Default for DiskOptions {
-    fn default() -> Self {
-        Self {
-            engine: ReadEngine::default(),
-            max_read_bytes: 128 * 1024,
-        }
-    }
 }
 
 /// One read of a gather: `len` bytes at `offset` in the file, landing at `at` in the
@@ -81,11 +83,10 @@ pub struct DiskTable {
     path: PathBuf,
     spec: TableSpec,
     file: File,
-    file_len: u64,
     values: Range<u64>,
     scales: Option<Range<u64>>,
     options: DiskOptions,
-    pool: rayon::ThreadPool,
+    reader: Reader,
     reads: AtomicU64,
     bytes_read: AtomicU64,
 }
@@ -124,22 +125,31 @@ impl DiskTable {
             ));
         }
         advise_random(&file);
-        let ReadEngine::Threads(threads) = options.engine;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads.max(1))
-            .thread_name(|i| format!("engram-disk-{i}"))
-            .build()
-            .map_err(|e| EngramError::file(path, format!("starting read threads: {e}")))?;
+        let started = |engine: ReadEngine| {
+            Reader::new(engine).map_err(|e| {
+                EngramError::file(path, format!("starting the {engine:?} reader: {e}"))
+            })
+        };
+        let (reader, options) = match (started(options.engine), options.engine) {
+            (Ok(reader), _) => (reader, options),
+            (Err(e), ReadEngine::IoUring(_)) => {
+                tracing::warn!("{e}; reading with {FALLBACK_ENGINE:?} instead");
+                let options = DiskOptions {
+                    engine: FALLBACK_ENGINE,
+                };
+                (started(FALLBACK_ENGINE)?, options)
+            }
+            (Err(e), _) => return Err(e),
+        };
         Ok(Self {
             name: format!("{}:{}", path.display(), spec.tensor),
             path: path.to_path_buf(),
             spec: spec.clone(),
             file,
-            file_len,
             values,
             scales,
             options,
-            pool,
+            reader,
             reads: AtomicU64::new(0),
             bytes_read: AtomicU64::new(0),
         })
@@ -164,9 +174,27 @@ impl DiskTable {
         &self.spec
     }
 
+    /// The engine reading this table (the fallback, where io_uring was refused).
+    pub fn engine(&self) -> ReadEngine {
+        self.options.engine
+    }
+
     /// The file the table is read from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The file ranges a gather of `row_ids` reads (page-aligned, each page once,
+    /// neighbours merged): what this table would read, for tools that want to hand the
+    /// same ranges to the kernel another way.
+    pub fn plan_reads(&self, row_ids: &[u64]) -> Vec<Range<u64>> {
+        let mut sorted = row_ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        plan_extents(&self.row_ranges(&sorted))
+            .into_iter()
+            .map(|e| e.offset..e.offset + e.len)
+            .collect()
     }
 
     fn value_row_bytes(&self) -> u64 {
@@ -211,25 +239,32 @@ impl DiskTable {
         extents: &[Extent],
         buf: &mut [u8],
     ) -> std::result::Result<(), (Extent, std::io::Error)> {
-        let mut slices = Vec::with_capacity(extents.len());
-        let mut rest = buf;
-        for e in extents {
-            let (head, tail) = rest.split_at_mut(e.len as usize);
-            slices.push(head);
-            rest = tail;
-        }
-        let ReadEngine::Threads(_) = self.options.engine;
-        self.pool.install(|| {
-            extents
-                .par_iter()
-                .zip(slices)
-                .with_max_len(1)
-                .try_for_each(|(e, dst)| {
-                    self.file
-                        .read_exact_at(dst, e.offset)
-                        .map_err(|err| (*e, err))
+        match &self.reader {
+            Reader::Threads(pool) => {
+                let mut slices = Vec::with_capacity(extents.len());
+                let mut rest = buf;
+                for e in extents {
+                    let (head, tail) = rest.split_at_mut(e.len as usize);
+                    slices.push(head);
+                    rest = tail;
+                }
+                pool.install(|| {
+                    extents
+                        .par_iter()
+                        .zip(slices)
+                        .with_max_len(1)
+                        .try_for_each(|(e, dst)| {
+                            self.file
+                                .read_exact_at(dst, e.offset)
+                                .map_err(|err| (*e, err))
+                        })
                 })
-        })
+            }
+            Reader::IoUring(ring) => {
+                let mut ring = ring.lock().unwrap_or_else(|e| e.into_inner());
+                uring::read_all(&mut ring, &self.file, extents, buf)
+            }
+        }
     }
 
     /// The error for a failed read of `extent`: names the file and the first row in it.
@@ -262,6 +297,30 @@ impl DiskTable {
     }
 }
 
+/// What issues a table's reads (see [`ReadEngine`]).
+enum Reader {
+    Threads(rayon::ThreadPool),
+    IoUring(Box<std::sync::Mutex<io_uring::IoUring>>),
+}
+
+impl Reader {
+    fn new(engine: ReadEngine) -> std::io::Result<Self> {
+        Ok(match engine {
+            ReadEngine::Threads(threads) => Reader::Threads(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads.max(1))
+                    .thread_name(|i| format!("engram-disk-{i}"))
+                    .build()
+                    .map_err(std::io::Error::other)?,
+            ),
+            ReadEngine::IoUring(depth) => {
+                let ring = io_uring::IoUring::new(depth.max(1))?;
+                Reader::IoUring(Box::new(std::sync::Mutex::new(ring)))
+            }
+        })
+    }
+}
+
 /// Tells the kernel the file is read at random: no read-ahead of pages nobody asked for.
 fn advise_random(file: &File) {
     use std::os::fd::AsRawFd;
@@ -271,48 +330,42 @@ fn advise_random(file: &File) {
     }
 }
 
-/// Page-aligned extents covering `ranges` (sorted by start within each of at most two
-/// ascending runs), each page once, neighbouring pages merged up to `max_bytes`, the last
-/// one cut at `file_len`.
-fn plan_extents(ranges: &[Range<u64>], max_bytes: u64, file_len: u64) -> Vec<Extent> {
-    let max_pages = (max_bytes / PAGE_BYTES).max(1);
-    let mut pages: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter(|r| r.end > r.start)
-        .map(|r| (r.start / PAGE_BYTES, (r.end - 1) / PAGE_BYTES + 1))
-        .collect();
-    pages.sort_unstable();
-    // Runs of pages: overlapping or touching page spans merged.
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for (first, end) in pages {
-        match runs.last_mut() {
-            Some((_, e)) if first <= *e => *e = (*e).max(end),
-            _ => runs.push((first, end)),
+/// The reads covering `ranges`: sorted by offset, a range merged into the read before it
+/// when it starts in the page that read ends in, so no page is read twice. A read spans
+/// its rows' bytes only (and what lies between rows of one page): the kernel still
+/// brings whole pages in from disk, but a warm read copies rows, not pages.
+fn plan_extents(ranges: &[Range<u64>]) -> Vec<Extent> {
+    let mut sorted: Vec<&Range<u64>> = ranges.iter().filter(|r| r.end > r.start).collect();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut spans: Vec<Range<u64>> = Vec::new();
+    for r in sorted {
+        match spans.last_mut() {
+            Some(cur) if r.start / PAGE_BYTES <= (cur.end - 1) / PAGE_BYTES => {
+                cur.end = cur.end.max(r.end)
+            }
+            _ => spans.push(r.clone()),
         }
     }
-    let mut extents = Vec::new();
     let mut at = 0usize;
-    for (first, end) in runs {
-        let mut page = first;
-        while page < end {
-            let stop = (page + max_pages).min(end);
-            let offset = page * PAGE_BYTES;
-            let len = (stop * PAGE_BYTES).min(file_len) - offset;
-            extents.push(Extent { offset, len, at });
-            at += len as usize;
-            page = stop;
-        }
-    }
-    extents
+    spans
+        .into_iter()
+        .map(|s| {
+            let e = Extent {
+                offset: s.start,
+                len: s.end - s.start,
+                at,
+            };
+            at += e.len as usize;
+            e
+        })
+        .collect()
 }
 
-/// Where `range` lies in the gather's buffer. It starts in one of `extents` and may run
-/// on into the next ones: extents split from one run of pages follow each other in the
-/// file and in the buffer alike.
+/// Where `range`, inside one of `extents`, lies in the gather's buffer.
 fn locate_in(extents: &[Extent], range: &Range<u64>) -> Range<usize> {
     let i = extents.partition_point(|e| e.offset + e.len <= range.start);
     let e = &extents[i];
-    debug_assert!(e.offset <= range.start);
+    debug_assert!(e.offset <= range.start && range.end <= e.offset + e.len);
     let start = e.at + (range.start - e.offset) as usize;
     start..start + (range.end - range.start) as usize
 }
@@ -348,7 +401,7 @@ impl TableStore for DiskTable {
         sorted.sort_unstable();
         sorted.dedup();
         let ranges = self.row_ranges(&sorted);
-        let extents = plan_extents(&ranges, self.options.max_read_bytes, self.file_len);
+        let extents = plan_extents(&ranges);
         let total: usize = extents.iter().map(|e| e.len as usize).sum();
         let mut buf = vec![0u8; total];
         self.reads
@@ -401,43 +454,39 @@ mod tests {
     }
 
     #[test]
-    fn extents_read_each_page_once_and_merge_neighbours() {
-        // Two rows in page 0, one straddling pages 1-2, one in page 5, one in page 6.
+    fn rows_of_one_page_are_one_read_and_pages_are_never_read_twice() {
+        // Two rows in page 0; one straddling pages 1-2 and one starting in page 2 (one
+        // read: the second starts in the page the first ends in); one in page 5, one in
+        // page 6 (neighbouring pages, separate reads); a duplicate.
+        let p = 4096;
         let ranges = [
-            0..100,
             200..300,
+            0..100,
             8000..8300,
-            5 * 4096..5 * 4096 + 8,
-            6 * 4096 + 8..6 * 4096 + 16,
+            8400..8500,
+            5 * p..5 * p + 8,
+            6 * p + 8..6 * p + 16,
+            0..100,
         ];
-        let got = plan_extents(&ranges, 1 << 20, 1 << 30);
-        assert_eq!(
-            got,
-            vec![ext(0, 3 * 4096, 0), ext(5 * 4096, 2 * 4096, 3 * 4096)]
-        );
-    }
-
-    #[test]
-    fn extents_split_at_the_cap_and_stop_at_the_end_of_the_file() {
-        let whole: Range<u64> = 0..5 * 4096;
-        let got = plan_extents(std::slice::from_ref(&whole), 2 * 4096, 5 * 4096 - 10);
+        let got = plan_extents(&ranges);
         assert_eq!(
             got,
             vec![
-                ext(0, 8192, 0),
-                ext(8192, 8192, 8192),
-                ext(16384, 4096 - 10, 16384)
+                ext(0, 300, 0),
+                ext(8000, 500, 300),
+                ext(5 * p, 8, 800),
+                ext(6 * p + 8, 8, 808)
             ]
         );
     }
 
     #[test]
     fn rows_are_found_in_their_extent() {
-        let extents = [ext(0, 8192, 0), ext(5 * 4096, 4096, 8192)];
+        let extents = [ext(0, 300, 0), ext(5 * 4096, 64, 300)];
         assert_eq!(locate_in(&extents, &(100..200)), 100..200);
         assert_eq!(
             locate_in(&extents, &(5 * 4096 + 16..5 * 4096 + 32)),
-            8192 + 16..8192 + 32
+            316..332
         );
     }
 }
