@@ -35,6 +35,9 @@ struct Args {
     /// Run without Engram even if the model directory has an Engram config.
     #[arg(long)]
     no_engram: bool,
+    /// Send the prompts one after another (each alone in its batch) instead of all at once.
+    #[arg(long)]
+    sequential: bool,
     /// Activation dtype: f32, bf16, f16 or auto.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -124,9 +127,11 @@ async fn main() -> Result<()> {
 
     // Stats so far (the engine's warm-up request at load) are left out of the report.
     let before = mistralrs_core::engram::stats();
+    let io_before = process_read_bytes();
     let gen_start = Instant::now();
     let model = Arc::new(model);
     let mut requests = tokio::task::JoinSet::new();
+    let mut responses = Vec::new();
     let mut logs = Vec::new();
     for (i, prompt) in args.prompt.iter().enumerate() {
         let mut request =
@@ -150,8 +155,11 @@ async fn main() -> Result<()> {
         }
         let model = model.clone();
         requests.spawn(async move { (i, model.send_chat_request(request).await) });
+        if args.sequential {
+            let (i, response) = requests.join_next().await.context("request lost")??;
+            responses.push((i, response?));
+        }
     }
-    let mut responses = Vec::new();
     while let Some(done) = requests.join_next().await {
         let (i, response) = done?;
         responses.push((i, response?));
@@ -202,6 +210,9 @@ async fn main() -> Result<()> {
         "kv_cache": !args.no_kv_cache,
         "load_s": load_secs,
         "generate_s": gen_secs,
+        // Bytes this process had read from storage while generating (Linux
+        // /proc/self/io `read_bytes`: disk reads, page cache hits excluded).
+        "storage_read_bytes": process_read_bytes().zip(io_before).map(|(a, b)| a - b),
         "outputs": outputs,
         "lookup_stats": engram,
     });
@@ -241,6 +252,14 @@ async fn main() -> Result<()> {
         eprintln!("engram lookup stats: {}", e["stats"]);
     }
     Ok(())
+}
+
+/// `read_bytes` of /proc/self/io: bytes this process caused to be read from storage.
+fn process_read_bytes() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Writes every request's logits to `path` (raw f32 LE) and returns their shape, the

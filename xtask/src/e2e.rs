@@ -153,20 +153,22 @@ pub const STRONG: (&str, &[&str]) = (
 
 /// One run of the host with `--json`; returns its JSON summary.
 pub fn run_host(host: &Path, args: &[String]) -> Result<Value> {
+    let mut cmd = Command::new(host);
+    cmd.args(args);
+    run_host_command(cmd, &format!("{} {}", host.display(), args.join(" ")))
+}
+
+/// Runs `cmd` (the host, or a wrapper that ends by running it) with `--json` appended;
+/// returns its JSON summary. `label` names the run in messages.
+pub fn run_host_command(mut cmd: Command, label: &str) -> Result<Value> {
     let started = Instant::now();
-    let out = Command::new(host)
-        .args(args)
+    let out = cmd
         .arg("--json")
         .stderr(std::process::Stdio::inherit())
         .output()
-        .with_context(|| format!("cannot run {}", host.display()))?;
+        .with_context(|| format!("cannot run {label}"))?;
     if !out.status.success() {
-        bail!(
-            "{} {} failed ({})",
-            host.display(),
-            args.join(" "),
-            out.status
-        );
+        bail!("{label} failed ({})", out.status);
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -176,8 +178,7 @@ pub fn run_host(host: &Path, args: &[String]) -> Result<Value> {
         .with_context(|| format!("no JSON from the host: {text}"))?;
     let v: Value = serde_json::from_str(line)?;
     eprintln!(
-        "xtask:   host {} ({:.1} s)",
-        args.join(" "),
+        "xtask:   host {label} ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
     Ok(v)
@@ -187,7 +188,7 @@ fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
 
-fn host_args(model: &Path, prompts: &[&str], max_tokens: usize, extra: &[&str]) -> Vec<String> {
+pub fn host_args(model: &Path, prompts: &[&str], max_tokens: usize, extra: &[&str]) -> Vec<String> {
     let mut v = vec!["--model".to_string(), s(model)];
     for p in prompts {
         v.push("--prompt".into());

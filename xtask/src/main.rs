@@ -1,6 +1,8 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod bench_tables;
+mod corpus;
 mod demo;
 mod e2e;
 mod mistralrs;
@@ -68,6 +70,10 @@ enum Task {
     /// Prefill and decode tokens/s through the patched mistral.rs host, Engram on and off,
     /// as one JSON object (see docs/benchmarks-e2e.md).
     BenchE2e(e2e::BenchArgs),
+    /// Tables larger than memory through the patched host on real text: RAM-sized table,
+    /// big table memory-mapped, through the disk tier, with the hot-row cache; cold and
+    /// warm; the host in a memory cgroup (needs root). One JSON object.
+    BenchTables(bench_tables::BenchTablesArgs),
 }
 
 fn main() -> ExitCode {
@@ -118,6 +124,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::Demo(args) => demo::run(args),
         Task::MistralrsTest(args) => e2e::test(args),
         Task::BenchE2e(args) => e2e::bench(args),
+        Task::BenchTables(args) => bench_tables::run(args),
     }
 }
 
