@@ -214,6 +214,16 @@ impl EngramRuntime {
             };
             layers.push(layer);
         }
+        if options.table_mode == TableMode::Ram {
+            let bytes: u64 = layers
+                .iter()
+                .map(|l| l.table.num_rows() * l.table.row_bytes() as u64)
+                .sum();
+            tracing::warn!(
+                bytes,
+                "Engram tables read into this process's memory: every process serving this checkpoint holds its own copy (ENGRAM_TABLES=mmap or disk share the page cache)"
+            );
+        }
         tracing::info!(layers = ?cfg.hash.layer_ids, variant = ?cfg.variant, "opened Engram runtime");
         EngramRuntime::from_parts(cfg, compression, layers, options.runtime).map(Some)
     }

@@ -1,7 +1,10 @@
 //! `OpenOptions::from_env`: the backend a host engine's user picks through the
 //! environment. One test in its own process, since it sets environment variables.
 
-use engram_plugin::{BackendKind, CudaTables, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV};
+use engram_cpu::table::TableMode;
+use engram_plugin::{
+    BackendKind, CudaTables, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, TABLES_ENV,
+};
 
 fn set(name: &str, value: Option<&str>) {
     // This binary has one test, so no other thread reads the environment meanwhile.
@@ -51,4 +54,20 @@ fn the_environment_selects_the_backend() {
         e.contains("ENGRAM_CUDA_TABLES") && e.contains("ENGRAM_BACKEND=cuda"),
         "{e}"
     );
+    set(CUDA_TABLES_ENV, None);
+    set(BACKEND_ENV, None);
+
+    // How the host reads the tables.
+    let mode = |v: Option<&str>| {
+        set(TABLES_ENV, v);
+        OpenOptions::from_env()
+            .map(|o| o.table_mode)
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(mode(None), Ok(TableMode::Mmap));
+    assert_eq!(mode(Some("disk")), Ok(TableMode::Disk));
+    assert_eq!(mode(Some("ram")), Ok(TableMode::Ram));
+    let e = mode(Some("nvme")).unwrap_err();
+    assert!(e.contains("ENGRAM_TABLES=\"nvme\""), "{e}");
+    set(TABLES_ENV, None);
 }

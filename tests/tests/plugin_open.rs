@@ -5,13 +5,15 @@ use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
 use engram_core::golden::GoldenSample;
 use engram_core::metrics::relative_error;
+use engram_cpu::table::TableMode;
 use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
 use engram_tests::{data_path, tokenizer_path};
 
-fn golden_through_runtime(file: &str) {
+fn golden_through_runtime(file: &str, table_mode: TableMode) {
     let path = data_path(file);
     let options = OpenOptions {
         tokenizer: Some(tokenizer_path()),
+        table_mode,
         ..OpenOptions::default()
     };
     let rt = EngramRuntime::open(&path, options)
@@ -74,17 +76,30 @@ fn golden_through_runtime(file: &str) {
             );
         }
     }
-    assert!(rt.stats().rows_fetched > 0);
+    let stats = rt.stats();
+    assert!(stats.rows_fetched > 0);
+    // Only the disk tier reads the file at each step.
+    assert_eq!(
+        stats.store.backing_reads > 0,
+        table_mode == TableMode::Disk,
+        "{table_mode:?}: {stats:?}"
+    );
 }
+
+const MODES: [TableMode; 3] = [TableMode::Mmap, TableMode::Ram, TableMode::Disk];
 
 #[test]
 fn paper_golden_through_the_runtime() {
-    golden_through_runtime("forward_demo_small.safetensors");
+    for mode in MODES {
+        golden_through_runtime("forward_demo_small.safetensors", mode);
+    }
 }
 
 #[test]
 fn v41_golden_through_the_runtime() {
-    golden_through_runtime("forward_v41_small.safetensors");
+    for mode in MODES {
+        golden_through_runtime("forward_v41_small.safetensors", mode);
+    }
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct BenchTablesArgs {
     /// Use the release build of the host.
     #[arg(long)]
     release: bool,
+    /// Also write the JSON object to this file (under a temporary name, then renamed).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// One mode: which checkpoint, how its tables are read, whether the cache is dropped.
@@ -223,6 +226,9 @@ pub fn run(args: BenchTablesArgs) -> Result<()> {
         "runs": runs,
     });
     println!("{out}");
+    if let Some(path) = &args.out {
+        crate::e2e::write_json(path, &out)?;
+    }
     Ok(())
 }
 

@@ -151,6 +151,15 @@ pub const STRONG: (&str, &[&str]) = (
     &["--value-scale", "2.0", "--vocab", "20000"],
 );
 
+/// Writes `value` (pretty-printed) to `path`: under a temporary name, then renamed.
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
 /// One run of the host with `--json`; returns its JSON summary.
 pub fn run_host(host: &Path, args: &[String]) -> Result<Value> {
     let mut cmd = Command::new(host);

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod bench_sharing;
 mod bench_tables;
 mod corpus;
 mod demo;
@@ -74,6 +75,9 @@ enum Task {
     /// big table memory-mapped, through the disk tier, with the hot-row cache; cold and
     /// warm; the host in a memory cgroup (needs root). One JSON object.
     BenchTables(bench_tables::BenchTablesArgs),
+    /// Two host processes serving the demo checkpoint at once, tables mmap, disk and ram:
+    /// each one's RSS and PSS, in all and for the table file (one JSON object).
+    BenchSharing(bench_sharing::BenchSharingArgs),
 }
 
 fn main() -> ExitCode {
@@ -125,6 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::MistralrsTest(args) => e2e::test(args),
         Task::BenchE2e(args) => e2e::bench(args),
         Task::BenchTables(args) => bench_tables::run(args),
+        Task::BenchSharing(args) => bench_sharing::run(args),
     }
 }
 
