@@ -4,9 +4,11 @@
 //! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
 //! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
-//! `check-trace` (a host's Engram trace against the reference forward).
+//! `check-trace` (a host's Engram trace against the reference forward), `cache-replay`
+//! (the hot-row cache's hit rate against its size on real text).
 
 pub mod bench;
+pub mod cache_replay;
 pub mod check_trace;
 pub mod golden;
 pub mod init_checkpoint;
