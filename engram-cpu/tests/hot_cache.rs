@@ -124,12 +124,25 @@ fn hits_and_misses_are_counted_exactly_and_misses_fetched_in_one_call() {
     spy.table.gather_f32(&[2, 3, 1], &mut want).unwrap();
     assert_eq!(got, want);
 
+    // Misses are fetched once each, in ascending order.
+    let got = gather(&store, &[9, 5, 2, 9, 6]);
+    assert_eq!(spy.take_calls(), vec![vec![5, 6, 9]]);
+    let mut want = vec![0f32; 20];
+    spy.table.gather_f32(&[9, 5, 2, 9, 6], &mut want).unwrap();
+    assert_eq!(got, want);
+    let c = store.counters();
+    assert_eq!((c.cache_hits, c.cache_misses), (3, 8));
+    gather(&store, &[5, 6, 9]);
+    assert_eq!(
+        (store.counters().cache_hits, store.counters().cache_misses),
+        (6, 8)
+    );
     // All hits: the inner store is not called.
     gather(&store, &[3, 3]);
     gather(&store, &[]);
     assert!(spy.take_calls().is_empty());
     let c = store.counters();
-    assert_eq!((c.cache_hits, c.cache_misses), (4, 4));
+    assert_eq!((c.cache_hits, c.cache_misses), (8, 8));
     assert!((c.hit_rate() - 0.5).abs() < 1e-12);
     // The inner store's own counters are added (the spy counts its calls as reads, and
     // has forgotten the ones taken above).

@@ -11,13 +11,12 @@
 //! 107-139 ns per lookup against moka's 1133-1304 ns here (docs/benchmarks-e2e.md).
 //!
 //! A gather looks every row up first; the rows that missed go to the inner store in one
-//! batched [`TableStore::gather_f32`] (each distinct row once), so a store where a call
+//! batched [`TableStore::gather_f32`] (each distinct row once, in ascending order), so a store where a call
 //! is slow (a disk read, a network round trip) is called once per gather, not per row.
 //! Rows are kept as the f32 the inner store returns, or as their upper 16 bits where that
 //! is exact (bf16 and V4.1 tables, whose rows are bf16 values): half the memory, and a
 //! hit returns the inner store's bits exactly.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -156,31 +155,31 @@ impl TableStore for CachedStore {
     fn gather_f32(&self, row_ids: &[u64], out: &mut [f32]) -> Result<()> {
         self.check_gather(row_ids, out.len())?;
         let width = self.width();
-        // Missed rows: each distinct id once, and where each occurrence goes in `out`.
-        let mut missed: Vec<u64> = Vec::new();
-        let mut slot_of: HashMap<u64, usize> = HashMap::new();
-        let mut fills: Vec<(usize, usize)> = Vec::new();
+        // Every missed (row, position in `out`), then sorted by row: each distinct row is
+        // fetched once, in ascending order (the order a disk store reads best).
+        let mut fills: Vec<(u64, usize)> = Vec::new();
         for (k, (&row, dst)) in row_ids.iter().zip(out.chunks_exact_mut(width)).enumerate() {
             match self.cache.get(&row) {
                 Some(cached) => cached.copy_to(dst),
-                None => {
-                    let slot = *slot_of.entry(row).or_insert_with(|| {
-                        missed.push(row);
-                        missed.len() - 1
-                    });
-                    fills.push((k, slot));
-                }
+                None => fills.push((row, k)),
             }
         }
         self.hits
             .fetch_add((row_ids.len() - fills.len()) as u64, Ordering::Relaxed);
         self.misses.fetch_add(fills.len() as u64, Ordering::Relaxed);
-        if missed.is_empty() {
+        if fills.is_empty() {
             return Ok(());
         }
+        fills.sort_unstable();
+        let mut missed: Vec<u64> = fills.iter().map(|&(row, _)| row).collect();
+        missed.dedup();
         let mut fetched = vec![0f32; missed.len() * width];
         self.inner.gather_f32(&missed, &mut fetched)?;
-        for (k, slot) in fills {
+        let mut slot = 0;
+        for (row, k) in fills {
+            if missed[slot] != row {
+                slot += 1;
+            }
             out[k * width..(k + 1) * width]
                 .copy_from_slice(&fetched[slot * width..(slot + 1) * width]);
         }
