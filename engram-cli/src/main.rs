@@ -38,7 +38,7 @@ enum Command {
         text: String,
     },
     /// Measure each stage against a baseline in the same run (hash, gather vs memcpy,
-    /// layer, prefetch under a simulated host); prints a table.
+    /// layer, prefetch under a simulated host, the hot-row cache); prints a table.
     Bench {
         /// Print one JSON object instead of the table.
         #[arg(long)]
