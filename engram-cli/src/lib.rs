@@ -5,10 +5,12 @@
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
 //! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
 //! `check-trace` (a host's Engram trace against the reference forward), `bench-disk`
-//! (the disk tier's ways of reading rows, cold and warm).
+//! (the disk tier's ways of reading rows, cold and warm), `cache-replay` (the hot-row
+//! cache's hit rate against its size on real text).
 
 pub mod bench;
 pub mod bench_disk;
+pub mod cache_replay;
 pub mod check_trace;
 pub mod golden;
 pub mod init_checkpoint;

@@ -38,7 +38,7 @@ enum Command {
         text: String,
     },
     /// Measure each stage against a baseline in the same run (hash, gather vs memcpy,
-    /// layer, prefetch under a simulated host); prints a table.
+    /// layer, prefetch under a simulated host, the hot-row cache); prints a table.
     Bench {
         /// Print one JSON object instead of the table.
         #[arg(long)]
@@ -70,6 +70,10 @@ enum Command {
     /// Face model: OUT gets the model's files (linked), its config.json with an `engram`
     /// object, and engram.safetensors.
     InitCheckpoint(engram_cli::init_checkpoint::InitArgs),
+    /// Hit rate of the hot-row cache against its size on real text: tokenizes and hashes
+    /// text files with a model's Engram config and replays each layer's rows through
+    /// caches of a few sizes (docs/benchmarks-e2e.md).
+    CacheReplay(engram_cli::cache_replay::ReplayArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -173,6 +177,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::InitCheckpoint(args) => {
             let report = engram_cli::init_checkpoint::init_checkpoint(&args)?;
             print!("{}", report.to_text());
+        }
+        Command::CacheReplay(args) => {
+            let report = engram_cli::cache_replay::cache_replay(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -180,6 +180,7 @@ async fn main() -> Result<()> {
                 "model_id": model_id,
                 "stats": stats,
                 "exposed_fraction": stats.exposed_fraction(),
+                "cache_hit_rate": stats.store.hit_rate(),
             })
         })
         .collect();
@@ -250,6 +251,23 @@ async fn main() -> Result<()> {
     }
     for e in &engram {
         eprintln!("engram lookup stats: {}", e["stats"]);
+        let s = &e["stats"];
+        let count = |key: &str| s[key].as_u64().unwrap_or(0);
+        let (hits, misses) = (count("cache_hits"), count("cache_misses"));
+        if hits + misses > 0 {
+            eprintln!(
+                "engram hot-row cache: {hits} hits, {misses} misses ({:.1}% hit), {:.1} MiB held",
+                100.0 * e["cache_hit_rate"].as_f64().unwrap_or(0.0),
+                count("cache_bytes") as f64 / (1u64 << 20) as f64
+            );
+        }
+        if count("backing_reads") > 0 {
+            eprintln!(
+                "engram table reads: {} reads, {:.1} MiB",
+                count("backing_reads"),
+                count("backing_bytes") as f64 / (1u64 << 20) as f64
+            );
+        }
     }
     Ok(())
 }

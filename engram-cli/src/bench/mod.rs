@@ -3,6 +3,7 @@
 //! JSON object. Runs in under a minute on 2 cores (23-40 s in docs/benchmarks.md).
 
 mod gather;
+mod hot_cache;
 mod prefetch;
 mod smollm2;
 mod text;
@@ -23,6 +24,7 @@ use engram_cpu::CpuTable;
 use serde::Serialize;
 
 pub use gather::{GatherReport, Throughputs};
+pub use hot_cache::HotCacheBench;
 pub use prefetch::{ModelLayerTime, PrefetchBench, PrefetchRun};
 pub use text::format_text;
 
@@ -45,6 +47,8 @@ pub struct BenchReport {
     pub layer_tokens_per_s: f64,
     /// The simulated host (see [`PrefetchBench`]).
     pub prefetch: PrefetchBench,
+    /// The hot-row cache's hits, misses and bytes on a Zipf stream (see [`HotCacheBench`]).
+    pub hot_cache: HotCacheBench,
     /// Threads of the rayon pool ("all threads").
     pub threads: usize,
 }
@@ -82,6 +86,7 @@ pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
         gather: gather::bench_gather(scratch)?,
         layer_tokens_per_s: bench_layer()?,
         prefetch: prefetch::bench_prefetch(scratch)?,
+        hot_cache: hot_cache::bench_hot_cache(scratch)?,
         threads: rayon::current_num_threads(),
     })
 }
@@ -278,6 +283,19 @@ mod tests {
                 },
                 host_work_from_smollm2_layer: run(71.5, 0.0003),
             },
+            hot_cache: HotCacheBench {
+                table_bytes: 128 << 20,
+                cache_bound_bytes: 6_710_886,
+                zipf_exponent: 1.0,
+                lookups: 1000,
+                cache_hits: 700,
+                cache_misses: 300,
+                cache_hit_rate: 0.7,
+                cache_bytes: 6_000_000,
+                table_ns_per_row: 20.0,
+                cached_ns_per_row: 50.0,
+                cached_over_table: 2.5,
+            },
             threads: 2,
         }
     }
@@ -301,6 +319,11 @@ mod tests {
         assert_eq!(p["host_work_from_fetch"]["host_work_ms"], 3.855);
         assert_eq!(p["host_work_from_smollm2_layer"]["host_work_ms"], 71.5);
         assert_eq!(p["smollm2_layer"]["layer_ms_one_token"], 0.45);
+        let h = &v["hot_cache"];
+        assert_eq!(h["cache_hits"], 700);
+        assert_eq!(h["cache_misses"], 300);
+        assert_eq!(h["cache_bytes"], 6_000_000);
+        assert_eq!(h["cache_hit_rate"], 0.7);
     }
 
     /// The line of the table that starts with `label`, split into its cells.
@@ -327,7 +350,7 @@ mod tests {
         assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
         // Gather rows: the one-thread figure, then the all-threads one; prefetch rows:
         // the run sized from the fetch, then the one sized from the SmolLM2 layer.
-        let expected: [(&str, &[&str]); 13] = [
+        let expected: [(&str, &[&str]); 17] = [
             ("gather, table in RAM", &["4.25 GB/s", "9.50 GB/s"]),
             ("gather, table memory-mapped", &["3.75 GB/s", "8.80 GB/s"]),
             ("memcpy: the C library's", &["6.50 GB/s", "7.50 GB/s"]),
@@ -347,6 +370,10 @@ mod tests {
             ("host work", &["3.855 ms", "71.500 ms"]),
             ("exposed / fetch, all steps", &["0.22%", "0.03%"]),
             ("steps with fetch <= host work", &["97 of 100", "97 of 100"]),
+            ("hits / misses (from empty)", &["700 / 300"]),
+            ("hit rate", &["70.00%"]),
+            ("cache bytes after", &["5.7 MiB"]),
+            ("ns a row: table / through cache", &["20.0 / 50.0 (2.50x)"]),
         ];
         for (label, want) in expected {
             assert_eq!(cells(&text, label), want, "{label}");

@@ -193,5 +193,37 @@ pub fn format_text(r: &BenchReport) -> String {
         "exposed / fetch, those steps",
         &cells(&|r| pct(r.covered_exposed_fraction)),
     );
+
+    let h = &r.hot_cache;
+    let _ = writeln!(
+        out,
+        "
+hot-row cache: {} bound in front of a {} memory-mapped bf16 table, Zipf({}) row ids, gathers of 4096, 1 thread",
+        mib(h.cache_bound_bytes as usize),
+        mib(h.table_bytes as usize),
+        h.zipf_exponent
+    );
+    row(
+        &mut out,
+        "hits / misses (from empty)",
+        &[format!("{} / {}", h.cache_hits, h.cache_misses)],
+    );
+    row(&mut out, "hit rate", &[pct(h.cache_hit_rate)]);
+    row(
+        &mut out,
+        "cache bytes after",
+        &[format!(
+            "{:.1} MiB",
+            h.cache_bytes as f64 / (1u64 << 20) as f64
+        )],
+    );
+    row(
+        &mut out,
+        "ns a row: table / through cache",
+        &[format!(
+            "{:.1} / {:.1} ({:.2}x)",
+            h.table_ns_per_row, h.cached_ns_per_row, h.cached_over_table
+        )],
+    );
     out
 }

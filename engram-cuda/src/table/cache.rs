@@ -4,7 +4,12 @@
 //! and inserted into the cache after the gather that uses them.
 //!
 //! The host keeps the tags ([`CachePlanner`]), so a prefetch knows at once which ids hit:
-//! hits read their cache slot, misses read the staged rows. Inserts run after the gather
+//! hits read their cache slot, misses read the staged rows. A miss replaces the row in its
+//! slot only if it has been looked up more often lately ([`FrequencySketch`], TinyLFU's
+//! admission: a count-min sketch of recent lookups, halved as it fills), so a burst of rows
+//! seen once does not push out the hot rows that share their slots; an empty slot takes
+//! any miss. The CPU's hot-row cache (`engram_cpu::table::CachedStore`) is frequency-aware
+//! the same way (S3-FIFO, whose probation queue plays this part). Inserts run after the gather
 //! of the same batch on the compute stream, so a hit whose slot a miss of the same batch
 //! replaces still reads the old row. The planner's tags assume every earlier batch's
 //! inserts; the table therefore applies payloads strictly in prefetch order (an earlier
@@ -36,6 +41,75 @@ const EMPTY: u64 = u64::MAX;
 pub struct CachePlanner {
     tags: Vec<u64>,
     bits: u32,
+    /// Lookup counts for admission; `None`: every miss replaces its slot's row.
+    sketch: Option<FrequencySketch>,
+}
+
+/// A count-min sketch of how often each row was looked up lately (TinyLFU's frequency
+/// estimate): four counters per row in four rows of 4-bit-range counters, the estimate
+/// being the smallest; after `10 x` the cache's slots in increments every counter is
+/// halved, so old popularity fades. Written here rather than taken from a crate because it
+/// sits in the planner's per-id loop and needs only these few lines (saturating u8
+/// counters, multiplicative hashing).
+#[derive(Clone, Debug)]
+pub struct FrequencySketch {
+    counters: Vec<u8>,
+    /// log2 of the counters in one of the four rows.
+    bits: u32,
+    increments: u64,
+    reset_after: u64,
+}
+
+/// Odd multipliers of the four hash rows.
+const SKETCH_SEEDS: [u64; 4] = [
+    0x9e37_79b9_7f4a_7c15,
+    0xc2b2_ae3d_27d4_eb4f,
+    0x1656_67b1_9e37_79f9,
+    0xd6e8_feb8_6659_fd93,
+];
+/// Counters saturate here (4 bits, as in TinyLFU).
+const SKETCH_MAX: u8 = 15;
+
+impl FrequencySketch {
+    /// A sketch for a cache of `slots` rows: 2 counters a slot in each of the four rows.
+    pub fn new(slots: usize) -> Self {
+        let per_row = (2 * slots.max(1)).next_power_of_two().max(64);
+        Self {
+            counters: vec![0; 4 * per_row],
+            bits: per_row.trailing_zeros(),
+            increments: 0,
+            reset_after: 10 * slots.max(1) as u64,
+        }
+    }
+
+    #[inline]
+    fn index(&self, row: u64, i: usize) -> usize {
+        let h = (row ^ (row >> 29)).wrapping_mul(SKETCH_SEEDS[i]) >> (64 - self.bits);
+        (i << self.bits) + h as usize
+    }
+
+    /// Counts one lookup of `row`.
+    #[inline]
+    pub fn increment(&mut self, row: u64) {
+        for i in 0..4 {
+            let k = self.index(row, i);
+            self.counters[k] = (self.counters[k] + 1).min(SKETCH_MAX);
+        }
+        self.increments += 1;
+        if self.increments >= self.reset_after {
+            self.counters.iter_mut().for_each(|c| *c /= 2);
+            self.increments /= 2;
+        }
+    }
+
+    /// How often `row` was looked up lately (never below the truth, within the window).
+    #[inline]
+    pub fn estimate(&self, row: u64) -> u8 {
+        (0..4)
+            .map(|i| self.counters[self.index(row, i)])
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 /// What one batch of lookups does with the cache.
@@ -51,12 +125,23 @@ pub struct CachePlan {
 }
 
 impl CachePlanner {
-    /// A cache of `slots` rows (rounded up to a power of two).
+    /// A cache of `slots` rows (rounded up to a power of two) with frequency-aware
+    /// admission: a miss replaces its slot's row only if looked up more often lately.
     pub fn new(slots: usize) -> Self {
         let slots = slots.max(1).next_power_of_two();
         Self {
             tags: vec![EMPTY; slots],
             bits: slots.trailing_zeros(),
+            sketch: Some(FrequencySketch::new(slots)),
+        }
+    }
+
+    /// The same cache where every miss replaces its slot's row (no admission; the
+    /// behaviour before admission, kept for comparison).
+    pub fn always_replace(slots: usize) -> Self {
+        Self {
+            sketch: None,
+            ..Self::new(slots)
         }
     }
 
@@ -89,15 +174,25 @@ impl CachePlanner {
         };
         for &id in ids {
             let slot = self.slot_of(id);
+            if let Some(sketch) = &mut self.sketch {
+                sketch.increment(id);
+            }
             if self.tags[slot] == id {
                 plan.sources.push(slot as i64);
                 plan.hits += 1;
                 continue;
             }
+            let resident = self.tags[slot];
+            let admit = match &self.sketch {
+                Some(sketch) if resident != EMPTY => {
+                    sketch.estimate(id) > sketch.estimate(resident)
+                }
+                _ => true,
+            };
             let j = *map.entry(id).or_insert_with(|| {
                 plan.misses.push(id);
                 let j = (plan.misses.len() - 1) as u32;
-                if claimed.insert(slot) {
+                if admit && claimed.insert(slot) {
                     plan.inserts.push((slot as u32, j));
                 }
                 j
@@ -379,7 +474,7 @@ mod tests {
 
     #[test]
     fn one_insert_per_slot_and_hits_never_point_at_replaced_rows() {
-        let mut p = CachePlanner::new(1);
+        let mut p = CachePlanner::always_replace(1);
         // Every id maps to slot 0: only the first miss is inserted.
         let plan = p.plan(&[5, 6, 7]);
         assert_eq!(plan.inserts, [(0, 0)]);
@@ -391,6 +486,82 @@ mod tests {
         assert_eq!(plan.hits, 0);
         p.clear();
         assert_eq!(p.plan(&[6]).hits, 0);
+    }
+
+    #[test]
+    fn a_hot_row_survives_a_scan_of_rows_seen_once() {
+        for (admission, survives) in [(true, true), (false, false)] {
+            let mut p = if admission {
+                CachePlanner::new(64)
+            } else {
+                CachePlanner::always_replace(64)
+            };
+            for _ in 0..3 {
+                p.plan(&[5]);
+            }
+            // 100 rows of the hot row's slot, each looked up once (fewer lookups than
+            // the sketch's window of 10 x 64, so nothing has aged).
+            let slot = p.slot_of(5);
+            let cold: Vec<u64> = (100..)
+                .filter(|&r| p.slot_of(r) == slot)
+                .take(100)
+                .collect();
+            for &r in &cold {
+                p.plan(&[r]);
+            }
+            assert_eq!(p.plan(&[5]).hits == 1, survives, "admission {admission}");
+        }
+    }
+
+    #[test]
+    fn admission_catches_more_of_a_zipf_stream_than_always_replacing() {
+        // Zipf(1) ranks over 100k rows, scattered, in batches of 256 ids; 1024 slots.
+        let stream = |seed: u64| -> Vec<u64> {
+            let mut rng = engram_core::testing::TestRng::new(seed);
+            let log_rows = (100_000f64).ln();
+            (0..200_000)
+                .map(|_| {
+                    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                    let rank = ((u * log_rows).exp() as u64).clamp(1, 100_000) - 1;
+                    rank.wrapping_mul(0x2545_f491_4f6c_dd1d) % 100_000
+                })
+                .collect()
+        };
+        let ids = stream(3);
+        let rate = |mut p: CachePlanner| {
+            let hits: usize = ids.chunks(256).map(|b| p.plan(b).hits).sum();
+            hits as f64 / ids.len() as f64
+        };
+        let (tiny, direct) = (
+            rate(CachePlanner::new(1024)),
+            rate(CachePlanner::always_replace(1024)),
+        );
+        eprintln!("Zipf(1), 100k rows, 1024 slots: hit rate {tiny:.3} with admission, {direct:.3} always replacing");
+        assert!(
+            tiny > direct + 0.05,
+            "admission {tiny:.3} vs always replacing {direct:.3}"
+        );
+    }
+
+    #[test]
+    fn the_sketch_counts_and_ages() {
+        let mut s = FrequencySketch::new(16);
+        for _ in 0..8 {
+            s.increment(42);
+        }
+        s.increment(7);
+        assert!(s.estimate(42) >= 8, "never below the truth");
+        assert!(s.estimate(7) >= 1);
+        for _ in 0..20 {
+            s.increment(42);
+        }
+        assert_eq!(s.estimate(42), SKETCH_MAX, "saturates");
+        // The window is 10 x 16 increments: the 160th halves every counter.
+        for _ in 29..160 {
+            s.increment(1);
+        }
+        assert!(s.estimate(42) < SKETCH_MAX, "an old count is halved");
+        assert!(s.estimate(42) >= SKETCH_MAX / 2);
     }
 
     #[test]

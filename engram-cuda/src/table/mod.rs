@@ -30,7 +30,7 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig};
 use engram_core::dtype::RowDtype;
 use serde::Serialize;
 
-pub use cache::{CachePlan, CachePlanner, CachedTable};
+pub use cache::{CachePlan, CachePlanner, CachedTable, FrequencySketch};
 pub use dedupe::{Deduper, PARALLEL_IDS};
 pub use device::DeviceTable;
 pub use pinned::PinnedTable;
