@@ -13,7 +13,7 @@
 //! `value_scale` (the gate is in (0, 1)). With `zero_value` the value projection's weight
 //! and bias are exactly zero, and so is everything Engram adds: the identity test.
 //!
-//! The file is written by several threads at once ([`parallel_write`]: positioned writes
+//! The file is written by several threads at once (`parallel_write`: positioned writes
 //! into a preallocated file, around the page cache where the filesystem allows); the demo
 //! size is about 1.3 GB of bf16 per layer, and `--vocab` scales it to tens of gigabytes.
 //! Each chunk of table rows draws from its own seeded generator, so the file does not
@@ -523,7 +523,7 @@ struct Planned {
 }
 
 /// A safetensors header (the JSON, without its 8-byte length) padded with spaces so the
-/// tensor data after it starts at a multiple of [`DATA_ALIGN`] bytes.
+/// tensor data after it starts at a multiple of 4096 bytes (a page).
 pub fn aligned_header(header: &Value) -> String {
     let mut text = header.to_string();
     let pad = (8 + text.len()).next_multiple_of(DATA_ALIGN) - (8 + text.len());
