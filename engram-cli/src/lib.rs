@@ -4,9 +4,11 @@
 //! does. Subcommands: `vocab` (tokenizer compression), `hash` (rows for a text),
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
 //! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
-//! `check-trace` (a host's Engram trace against the reference forward).
+//! `check-trace` (a host's Engram trace against the reference forward), `bench-disk`
+//! (the disk tier's ways of reading rows, cold and warm).
 
 pub mod bench;
+pub mod bench_disk;
 pub mod check_trace;
 pub mod golden;
 pub mod init_checkpoint;

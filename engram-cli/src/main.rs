@@ -63,6 +63,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// How fast each way of reading a step's rows from a table file brings them in,
+    /// cold (page cache dropped, as root) and warm: mmap, fadvise, pread threads, io_uring.
+    BenchDisk(engram_cli::bench_disk::DiskBenchArgs),
     /// Write a paper-variant Engram checkpoint with seeded random weights for a Hugging
     /// Face model: OUT gets the model's files (linked), its config.json with an `engram`
     /// object, and engram.safetensors.
@@ -157,6 +160,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if !report.passed() {
                 return Ok(ExitCode::from(1));
+            }
+        }
+        Command::BenchDisk(args) => {
+            let report = engram_cli::bench_disk::run(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", engram_cli::bench_disk::format_text(&report));
             }
         }
         Command::InitCheckpoint(args) => {

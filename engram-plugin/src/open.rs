@@ -18,8 +18,7 @@ use engram_core::reference::ReferenceLayer;
 use engram_core::table::TableStore;
 use engram_core::EngramError;
 use engram_cpu::layer::CpuLayer;
-use engram_cpu::table::TableMode;
-use engram_cpu::CpuTable;
+use engram_cpu::table::{open_layer_store, TableMode};
 use engram_cuda::HostTable;
 
 use crate::device::{CudaTables, DeviceRows};
@@ -66,12 +65,16 @@ impl std::str::FromStr for BackendKind {
 pub const BACKEND_ENV: &str = "ENGRAM_BACKEND";
 /// Selects where the CUDA backend keeps the tables, for [`OpenOptions::from_env`].
 pub const CUDA_TABLES_ENV: &str = "ENGRAM_CUDA_TABLES";
+/// Selects how the tables are read on the host (`mmap`, `ram`, `disk`), for
+/// [`OpenOptions::from_env`].
+pub const TABLES_ENV: &str = "ENGRAM_TABLES";
 
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     pub runtime: RuntimeOptions,
     pub backend: BackendKind,
-    /// Memory-map the tables (default) or read them into RAM.
+    /// Memory-map the tables (default), read them into RAM, or read each step's rows
+    /// from disk ([`TableMode::Disk`], for tables larger than RAM; CPU backend only).
     pub table_mode: TableMode,
     /// The tokenizer whose ids the host passes (default: `tokenizer.json` beside the weights).
     pub tokenizer: Option<PathBuf>,
@@ -93,7 +96,8 @@ impl Default for OpenOptions {
 
 impl OpenOptions {
     /// The defaults, with the backend a host engine's user chose through the environment:
-    /// `ENGRAM_BACKEND` (`cpu`, `reference`, `cuda`, `cuda:N`) and, for CUDA,
+    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`), `ENGRAM_BACKEND` (`cpu`, `reference`,
+    /// `cuda`, `cuda:N`) and, for CUDA,
     /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`). A value
     /// that does not parse is an error naming the variable, not a silent default.
     pub fn from_env() -> Result<Self> {
@@ -104,6 +108,9 @@ impl OpenOptions {
             reason,
         };
         let mut options = Self::default();
+        if let Some(v) = var(TABLES_ENV) {
+            options.table_mode = v.parse().map_err(|r| setting(TABLES_ENV, &v, r))?;
+        }
         if let Some(v) = var(BACKEND_ENV) {
             options.backend = v.parse().map_err(|r| setting(BACKEND_ENV, &v, r))?;
         }
@@ -149,6 +156,13 @@ impl EngramRuntime {
 
         let cuda = match options.backend {
             BackendKind::Cpu | BackendKind::Reference => None,
+            BackendKind::Cuda { .. } if options.table_mode == TableMode::Disk => {
+                return Err(PluginError::Setting {
+                    name: TABLES_ENV.into(),
+                    value: "disk".into(),
+                    reason: "the disk tier reads rows for the CPU backend only; the CUDA backend takes mmap or ram".into(),
+                })
+            }
             BackendKind::Cuda { ordinal, tables } => {
                 let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|source| {
                     PluginError::Cuda {
@@ -179,14 +193,14 @@ impl EngramRuntime {
             };
             let layer = match &cuda {
                 None => {
-                    let table = CpuTable::open_layer(&file, &cfg, &layout, options.table_mode)?;
+                    let table = open_layer_store(&file, &cfg, &layout, options.table_mode)?;
                     let layer: Arc<dyn engram_core::backend::EngramLayer> =
                         if options.backend == BackendKind::Reference {
                             Arc::new(ReferenceLayer::new(cfg.clone(), layout.layer_id, weights)?)
                         } else {
                             Arc::new(CpuLayer::new(cfg.clone(), layout.layer_id, weights)?)
                         };
-                    RuntimeLayer::on_host(layout.layer_id, Arc::new(table), layer)
+                    RuntimeLayer::on_host(layout.layer_id, table, layer)
                 }
                 Some((backend, tables)) => cuda_layer(
                     backend,

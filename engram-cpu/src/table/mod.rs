@@ -17,6 +17,7 @@
 //! [`engram_core::checkpoint::table_spec_from_header`] (header only) or
 //! [`CpuTable::open_layer`].
 
+mod disk;
 mod gather;
 
 use std::ops::Range;
@@ -31,6 +32,7 @@ use engram_core::table::bytes::TableBytes;
 use engram_core::table::TableStore;
 use safetensors::Dtype;
 
+pub use disk::{DiskOptions, DiskTable, ReadEngine, FALLBACK_ENGINE, PAGE_BYTES};
 pub use engram_core::table::bytes::AlignedBytes;
 use gather::{run_chunked, Rows};
 pub use gather::{OutputStores, SCALE_BLOCK};
@@ -50,6 +52,41 @@ pub enum TableMode {
     Mmap,
     /// Read into RAM ([`CpuTable::load`]).
     Ram,
+    /// Read from the file at each gather with explicit, parallel reads ([`DiskTable`]):
+    /// for tables larger than RAM; a failed read is an error, not a signal.
+    Disk,
+}
+
+impl std::str::FromStr for TableMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "mmap" => Ok(Self::Mmap),
+            "ram" => Ok(Self::Ram),
+            "disk" => Ok(Self::Disk),
+            _ => Err("expected mmap, ram or disk".into()),
+        }
+    }
+}
+
+/// Opens layer `layout.layer_id`'s table in the file at `path` as `mode` says: a
+/// [`CpuTable`] (mapped or in RAM) or a [`DiskTable`] with default options.
+pub fn open_layer_store(
+    path: impl AsRef<Path>,
+    cfg: &EngramConfig,
+    layout: &LayerTableLayout,
+    mode: TableMode,
+) -> Result<std::sync::Arc<dyn TableStore>> {
+    Ok(match mode {
+        TableMode::Disk => std::sync::Arc::new(DiskTable::open_layer(
+            path,
+            cfg,
+            layout,
+            DiskOptions::default(),
+        )?),
+        _ => std::sync::Arc::new(CpuTable::open_layer(path, cfg, layout, mode)?),
+    })
 }
 
 /// One layer's table on the CPU: a [`TableStore`] over a memory map or an owned buffer
@@ -150,6 +187,10 @@ impl CpuTable {
         match mode {
             TableMode::Mmap => Self::open_mmap(path, &spec),
             TableMode::Ram => Self::load(path, &spec),
+            TableMode::Disk => Err(EngramError::file(
+                path,
+                "a table read from disk is a DiskTable, not a CpuTable (see open_layer_store)",
+            )),
         }
     }
 
