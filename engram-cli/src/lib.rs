@@ -5,7 +5,8 @@
 //! `golden` (check a golden forward file end to end), `inspect` (a checkpoint against its
 //! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
 //! `check-trace` (a host's Engram trace against the reference forward), `bench-disk`
-//! (the disk tier's ways of reading rows, cold and warm).
+//! (the disk tier's ways of reading rows, cold and warm), `upload` (a checkpoint's
+//! tables into a Redis Cluster).
 
 pub mod bench;
 pub mod bench_disk;
@@ -14,6 +15,7 @@ pub mod golden;
 pub mod init_checkpoint;
 pub mod inspect;
 pub mod text;
+pub mod upload;
 
 use std::path::Path;
 

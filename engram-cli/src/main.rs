@@ -70,6 +70,9 @@ enum Command {
     /// Face model: OUT gets the model's files (linked), its config.json with an `engram`
     /// object, and engram.safetensors.
     InitCheckpoint(engram_cli::init_checkpoint::InitArgs),
+    /// Load a checkpoint's Engram tables into a Redis Cluster (resumable: blocks already
+    /// there are skipped), for hosts run with ENGRAM_TABLES=redis://host:port[,...].
+    Upload(engram_cli::upload::UploadArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -168,6 +171,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", engram_cli::bench_disk::format_text(&report));
+            }
+        }
+        Command::Upload(args) => {
+            let summary = engram_cli::upload::upload(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.to_text());
             }
         }
         Command::InitCheckpoint(args) => {

@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 pub mod open;
 pub mod prefetch;
+pub mod remote;
 pub mod runtime;
 pub mod stats;
 pub mod step;

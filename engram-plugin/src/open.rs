@@ -23,6 +23,7 @@ use engram_cuda::HostTable;
 
 use crate::device::{CudaTables, DeviceRows};
 use crate::error::{PluginError, Result};
+use crate::remote;
 use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 
 /// Where the Engram layers compute.
@@ -65,7 +66,8 @@ impl std::str::FromStr for BackendKind {
 pub const BACKEND_ENV: &str = "ENGRAM_BACKEND";
 /// Selects where the CUDA backend keeps the tables, for [`OpenOptions::from_env`].
 pub const CUDA_TABLES_ENV: &str = "ENGRAM_CUDA_TABLES";
-/// Selects how the tables are read on the host (`mmap`, `ram`, `disk`), for
+/// Selects how the tables are read on the host (`mmap`, `ram`, `disk`), or the
+/// distributed store they are read from (`redis://host:port[,host:port...]`), for
 /// [`OpenOptions::from_env`].
 pub const TABLES_ENV: &str = "ENGRAM_TABLES";
 
@@ -76,6 +78,9 @@ pub struct OpenOptions {
     /// Memory-map the tables (default), read them into RAM, or read each step's rows
     /// from disk ([`TableMode::Disk`], for tables larger than RAM; CPU backend only).
     pub table_mode: TableMode,
+    /// Read the tables from this Redis Cluster instead (`table_mode` is then unused;
+    /// CPU backend only): see [`crate::remote`].
+    pub remote_tables: Option<engram_redis::ClusterUrl>,
     /// The tokenizer whose ids the host passes (default: `tokenizer.json` beside the weights).
     pub tokenizer: Option<PathBuf>,
     /// Overrides the config found on disk.
@@ -88,6 +93,7 @@ impl Default for OpenOptions {
             runtime: RuntimeOptions::default(),
             backend: BackendKind::Cpu,
             table_mode: TableMode::Mmap,
+            remote_tables: None,
             tokenizer: None,
             config: None,
         }
@@ -96,7 +102,7 @@ impl Default for OpenOptions {
 
 impl OpenOptions {
     /// The defaults, with the backend a host engine's user chose through the environment:
-    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`), `ENGRAM_BACKEND` (`cpu`, `reference`,
+    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`, `redis://...`), `ENGRAM_BACKEND` (`cpu`, `reference`,
     /// `cuda`, `cuda:N`) and, for CUDA,
     /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`). A value
     /// that does not parse is an error naming the variable, not a silent default.
@@ -109,7 +115,14 @@ impl OpenOptions {
         };
         let mut options = Self::default();
         if let Some(v) = var(TABLES_ENV) {
-            options.table_mode = v.parse().map_err(|r| setting(TABLES_ENV, &v, r))?;
+            if v.starts_with("redis://") {
+                let url = v.parse().map_err(|r| setting(TABLES_ENV, &v, r))?;
+                options.remote_tables = Some(url);
+            } else {
+                options.table_mode = v.parse().map_err(|r: String| {
+                    setting(TABLES_ENV, &v, format!("{r}, or redis://host:port[,...]"))
+                })?;
+            }
         }
         if let Some(v) = var(BACKEND_ENV) {
             options.backend = v.parse().map_err(|r| setting(BACKEND_ENV, &v, r))?;
@@ -163,6 +176,13 @@ impl EngramRuntime {
                     reason: "the disk tier reads rows for the CPU backend only; the CUDA backend takes mmap or ram".into(),
                 })
             }
+            BackendKind::Cuda { .. } if options.remote_tables.is_some() => {
+                return Err(PluginError::Setting {
+                    name: TABLES_ENV.into(),
+                    value: "redis://...".into(),
+                    reason: "tables in a Redis Cluster are read for the CPU backend only".into(),
+                })
+            }
             BackendKind::Cuda { ordinal, tables } => {
                 let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|source| {
                     PluginError::Cuda {
@@ -173,6 +193,11 @@ impl EngramRuntime {
                 Some((backend, tables))
             }
         };
+        let remote = options
+            .remote_tables
+            .as_ref()
+            .map(remote::connect)
+            .transpose()?;
         let mut layers = Vec::new();
         for layout in table_layouts(&cfg.hash) {
             let prefix = layer_prefix(layout.layer_id);
@@ -193,7 +218,10 @@ impl EngramRuntime {
             };
             let layer = match &cuda {
                 None => {
-                    let table = open_layer_store(&file, &cfg, &layout, options.table_mode)?;
+                    let table = match &remote {
+                        Some(cluster) => remote::open_table(cluster, &file, &cfg, &layout)?,
+                        None => open_layer_store(&file, &cfg, &layout, options.table_mode)?,
+                    };
                     let layer: Arc<dyn engram_core::backend::EngramLayer> =
                         if options.backend == BackendKind::Reference {
                             Arc::new(ReferenceLayer::new(cfg.clone(), layout.layer_id, weights)?)
