@@ -151,11 +151,22 @@ pub const STRONG: (&str, &[&str]) = (
     &["--value-scale", "2.0", "--vocab", "20000"],
 );
 
+/// The prompt of the end-to-end benchmarks.
+pub const BENCH_PROMPT: &str = "Explain in detail how a steam engine works, from the boiler \
+    and the firebox to the piston, the valve gear and the flywheel, and why it was so \
+    important for the industrial revolution in Britain and elsewhere.";
+
 /// One run of the host with `--json`; returns its JSON summary.
 pub fn run_host(host: &Path, args: &[String]) -> Result<Value> {
+    run_host_with_env(host, args, &[])
+}
+
+/// [`run_host`] with `env` added to the host's environment.
+pub fn run_host_with_env(host: &Path, args: &[String], env: &[(String, String)]) -> Result<Value> {
     let started = Instant::now();
     let out = Command::new(host)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--json")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -187,7 +198,7 @@ fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
 
-fn host_args(model: &Path, prompts: &[&str], max_tokens: usize, extra: &[&str]) -> Vec<String> {
+pub fn host_args(model: &Path, prompts: &[&str], max_tokens: usize, extra: &[&str]) -> Vec<String> {
     let mut v = vec!["--model".to_string(), s(model)];
     for p in prompts {
         v.push("--prompt".into());
@@ -393,9 +404,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
     let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
-    let prompt = "Explain in detail how a steam engine works, from the boiler and the \
-                  firebox to the piston, the valve gear and the flywheel, and why it was \
-                  so important for the industrial revolution in Britain and elsewhere.";
+    let prompt = BENCH_PROMPT;
     let mut best: [Option<Value>; 2] = [None, None];
     let mut runs = Vec::new();
     for _ in 0..args.repeats.max(1) {

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod bench_store;
 mod demo;
 mod e2e;
 mod mistralrs;
@@ -50,6 +51,9 @@ enum Task {
     },
     /// Lint and test: fmt check, clippy, then `test`.
     Ci,
+    /// The patched mistral.rs host on SmolLM2 with tables local (mmap) against tables in
+    /// a Redis Cluster started on loopback ports; prints JSON (docs/benchmarks-e2e.md).
+    BenchStore(bench_store::BenchStoreArgs),
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
     /// Builds engram-cuda and runs its GPU tests (the ignored GPU tests included) and benchmark;
@@ -113,6 +117,7 @@ fn run(cli: Cli) -> Result<()> {
             e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
         Task::Bench => bench::run(),
+        Task::BenchStore(args) => bench_store::run(args),
         Task::TestGpu(args) => test_gpu::run(args),
         Task::MistralrsBuild(args) => mistralrs::run(args),
         Task::Demo(args) => demo::run(args),
