@@ -13,12 +13,17 @@
 //! `value_scale` (the gate is in (0, 1)). With `zero_value` the value projection's weight
 //! and bias are exactly zero, and so is everything Engram adds: the identity test.
 //!
-//! Tables are streamed to disk in chunks (the demo size is about 1.3 GB of bf16 per
-//! layer); each chunk draws from its own seeded generator, so the file does not depend on
-//! the number of threads.
+//! The file is written by several threads at once ([`parallel_write`]: positioned writes
+//! into a preallocated file, around the page cache where the filesystem allows); the demo
+//! size is about 1.3 GB of bf16 per layer, and `--vocab` scales it to tens of gigabytes.
+//! Each chunk of table rows draws from its own seeded generator, so the file does not
+//! depend on the number of threads. The tensor data starts on a 4096-byte page, so a row
+//! whose size divides the page (128 bytes at head dim 64 in bf16) never straddles two
+//! pages: a disk read of one row is one page.
 
-use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+mod parallel_write;
+
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,18 +35,15 @@ use engram_core::config::EngramConfig;
 use engram_core::primes::{table_layouts, LayerTableLayout};
 use engram_core::testing::TestRng;
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
 use serde_json::{json, Value};
 
 /// The Engram weights file written into the output directory.
 pub const ENGRAM_FILE: &str = "engram.safetensors";
-/// Table rows generated (and written) per chunk: 64 Ki rows, 8 MiB at head dim 64.
+/// Table rows per seeded generator: 64 Ki rows, 8 MiB at head dim 64.
 const CHUNK_ROWS: u64 = 1 << 16;
-/// Chunks generated in parallel before they are written in order.
-const CHUNKS_PER_BATCH: u64 = 8;
-/// Tensor data starts at a multiple of this in the file (tables first, each a multiple of
-/// 64 bytes long for even head dims).
-const DATA_ALIGN: usize = 64;
+/// Tensor data starts at a multiple of this in the file (a page; tables first, so each
+/// table's rows lie on whole multiples of the row size from a page boundary).
+const DATA_ALIGN: usize = 4096;
 
 /// What `engram init-checkpoint` takes.
 #[derive(Clone, Debug, clap::Args)]
@@ -79,6 +81,9 @@ pub struct InitArgs {
     /// Pad token id for hashing (default: the model's pad token, else its eos token).
     #[arg(long)]
     pub pad_id: Option<i64>,
+    /// Writer threads (default: four per core). The file is the same for any number.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 impl InitArgs {
@@ -96,6 +101,7 @@ impl InitArgs {
             value_scale: 0.01,
             zero_value: false,
             pad_id: None,
+            threads: None,
         }
     }
 }
@@ -398,21 +404,114 @@ fn weight_values(
     }
 }
 
-/// One chunk of table rows as bf16 bytes: uniform in [-1, 1) with 16 random bits per value.
-fn table_chunk(seed: u64, layer_id: usize, name: &str, chunk: u64, values: usize) -> Vec<u8> {
-    let mut rng = TestRng::new(tensor_seed(seed, layer_id, name, chunk));
-    let mut out = Vec::with_capacity(values * 2);
-    let mut left = values;
-    while left > 0 {
-        let r = rng.next_u64();
-        for lane in 0..4.min(left) {
-            let bits = (r >> (16 * lane)) as u16 as i16;
-            let x = bits as f32 / 32768.0;
-            out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+/// The bf16 bits of every table value, by the 16 random bits it is drawn from: the
+/// value is `bits as i16 / 32768` (exact in f32), rounded to bf16. A lookup is several
+/// times faster than the conversion, and gives the same bits by construction.
+fn bf16_of_bits() -> &'static [u16] {
+    static TABLE: std::sync::OnceLock<Vec<u16>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| half::bf16::from_f32(bits as i16 as f32 / 32768.0).to_bits())
+            .collect()
+    })
+}
+
+/// One table's values: uniform in [-1, 1) (bf16), chunk `c` of [`CHUNK_ROWS`] rows
+/// drawn from its own seeded generator, value `k` of a chunk from 16 bits (lane `k % 4`)
+/// of the generator's draw `k / 4`. Any range of it can be made without the rest.
+struct TableValues {
+    seed: u64,
+    layer_id: usize,
+    name: String,
+    width: u64,
+    rows: u64,
+}
+
+impl TableValues {
+    /// The table's bytes from byte `start` on, into `out` (`start` and `out.len()` even).
+    fn fill(&self, start: u64, out: &mut [u8]) {
+        debug_assert!(start.is_multiple_of(2) && out.len().is_multiple_of(2));
+        let per_chunk = CHUNK_ROWS * self.width;
+        let mut value = start / 2;
+        let mut rest = out;
+        while !rest.is_empty() {
+            let (chunk, in_chunk) = (value / per_chunk, value % per_chunk);
+            let here = (rest.len() as u64 / 2)
+                .min(per_chunk - in_chunk)
+                .min(self.rows * self.width - value);
+            let (now, later) = rest.split_at_mut(2 * here as usize);
+            let mut rng = TestRng::new(tensor_seed(self.seed, self.layer_id, &self.name, chunk));
+            rng.skip(in_chunk / 4);
+            fill_values(&mut rng, (in_chunk % 4) as u32, now);
+            value += here;
+            rest = later;
         }
-        left -= 4.min(left);
     }
-    out
+}
+
+/// Values from `rng`'s draws into `out` (bf16 bytes), the first from lane `lane` of the
+/// next draw: four values per draw, written as one 8-byte word where whole.
+fn fill_values(rng: &mut TestRng, lane: u32, out: &mut [u8]) {
+    let lut = bf16_of_bits();
+    let value = |draw: u64, lane: u32| lut[(draw >> (16 * lane)) as u16 as usize];
+    let mut out = out;
+    if lane != 0 {
+        let draw = rng.next_u64();
+        let n = ((4 - lane) as usize).min(out.len() / 2);
+        for (i, b) in out[..2 * n].chunks_exact_mut(2).enumerate() {
+            b.copy_from_slice(&value(draw, lane + i as u32).to_le_bytes());
+        }
+        out = &mut out[2 * n..];
+    }
+    let mut words = out.chunks_exact_mut(8);
+    for w in &mut words {
+        let draw = rng.next_u64();
+        let packed = (0..4).fold(0u64, |acc, l| acc | (value(draw, l) as u64) << (16 * l));
+        w.copy_from_slice(&packed.to_le_bytes());
+    }
+    let tail = words.into_remainder();
+    if !tail.is_empty() {
+        let draw = rng.next_u64();
+        for (i, b) in tail.chunks_exact_mut(2).enumerate() {
+            b.copy_from_slice(&value(draw, i as u32).to_le_bytes());
+        }
+    }
+}
+
+/// What one range of the file holds.
+enum Content {
+    Bytes(Vec<u8>),
+    Table(TableValues),
+}
+
+/// The file as consecutive ranges, from offset 0 (the header) to its end.
+struct FileLayout {
+    /// `(start offset, length, content)`, in file order, without gaps.
+    parts: Vec<(u64, u64, Content)>,
+    total: u64,
+}
+
+impl FileLayout {
+    /// The file's bytes from `offset` on, into `out`.
+    fn fill(&self, offset: u64, out: &mut [u8]) {
+        let first = self.parts.partition_point(|(s, len, _)| s + len <= offset);
+        let mut done = 0usize;
+        for (start, len, content) in &self.parts[first..] {
+            if done == out.len() {
+                break;
+            }
+            let at = offset + done as u64;
+            let from = at - start;
+            let n = ((len - from) as usize).min(out.len() - done);
+            let dst = &mut out[done..done + n];
+            match content {
+                Content::Bytes(b) => dst.copy_from_slice(&b[from as usize..from as usize + n]),
+                Content::Table(t) => t.fill(from, dst),
+            }
+            done += n;
+        }
+        debug_assert_eq!(done, out.len(), "the layout covers the file");
+    }
 }
 
 /// One tensor of the file, in write order.
@@ -427,18 +526,17 @@ struct Planned {
 /// tensor data after it starts at a multiple of [`DATA_ALIGN`] bytes.
 pub fn aligned_header(header: &Value) -> String {
     let mut text = header.to_string();
-    while !(8 + text.len()).is_multiple_of(DATA_ALIGN) {
-        text.push(' ');
-    }
+    let pad = (8 + text.len()).next_multiple_of(DATA_ALIGN) - (8 + text.len());
+    text.extend(std::iter::repeat_n(' ', pad));
     text
 }
 
-fn write_engram_file(
-    path: &Path,
+/// The file `write_engram_file` writes: header, tables, then each layer's small tensors.
+fn plan_engram_file(
     cfg: &EngramConfig,
     layouts: &[LayerTableLayout],
     args: &InitArgs,
-) -> Result<u64> {
+) -> Result<FileLayout> {
     // Tables first (large, aligned), then every layer's small tensors.
     let mut plan = Vec::new();
     for table_pass in [true, false] {
@@ -484,75 +582,75 @@ fn write_engram_file(
         offset += p.bytes;
     }
     let header = aligned_header(&Value::Object(header));
-    let total = 8 + header.len() as u64 + offset;
-
-    let partial = path.with_extension("safetensors.partial");
-    let file =
-        File::create(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let io = |e: std::io::Error| anyhow!("cannot write {}: {e}", partial.display());
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(header.as_bytes()).map_err(io)?;
-
-    let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.inc(8 + header.len() as u64);
-    for p in &plan {
+    let mut head = (header.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(header.as_bytes());
+    let data_start = head.len() as u64;
+    let mut parts = vec![(0, data_start, Content::Bytes(head))];
+    let mut at = data_start;
+    for p in plan {
         let t = &p.tensor;
-        match t.kind {
-            TensorKind::Table => {
-                bar.set_message(format!("layer {} table", p.layer_id));
-                let (rows, width) = (t.shape[0] as u64, t.shape[1]);
-                let chunks = rows.div_ceil(CHUNK_ROWS);
-                let mut first = 0;
-                while first < chunks {
-                    let last = (first + CHUNKS_PER_BATCH).min(chunks);
-                    let batch: Vec<Vec<u8>> = (first..last)
-                        .into_par_iter()
-                        .map(|c| {
-                            let rows_here = CHUNK_ROWS.min(rows - c * CHUNK_ROWS) as usize;
-                            table_chunk(args.seed, p.layer_id, &t.name, c, rows_here * width)
-                        })
-                        .collect();
-                    for bytes in batch {
-                        w.write_all(&bytes).map_err(io)?;
-                        bar.inc(bytes.len() as u64);
-                    }
-                    first = last;
-                }
-            }
+        let content = match t.kind {
+            TensorKind::Table => Content::Table(TableValues {
+                seed: args.seed,
+                layer_id: p.layer_id,
+                name: t.name.clone(),
+                width: t.shape[1] as u64,
+                rows: t.shape[0] as u64,
+            }),
             TensorKind::Offsets => {
                 let layout = layouts
                     .iter()
                     .find(|l| l.layer_id == p.layer_id)
                     .expect("planned from the layouts");
-                for &o in &layout.offsets {
-                    w.write_all(&(o as i64).to_le_bytes()).map_err(io)?;
-                }
-                bar.inc(p.bytes);
+                Content::Bytes(
+                    layout
+                        .offsets
+                        .iter()
+                        .flat_map(|&o| (o as i64).to_le_bytes())
+                        .collect(),
+                )
             }
-            TensorKind::Weight => {
-                bar.set_message(format!("layer {} weights", p.layer_id));
-                let values = weight_values(t, p.layer_id, cfg, args);
-                let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-                w.write_all(&bytes).map_err(io)?;
-                bar.inc(p.bytes);
-            }
+            TensorKind::Weight => Content::Bytes(
+                weight_values(t, p.layer_id, cfg, args)
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ),
             TensorKind::TableScale => unreachable!("refused when planned"),
+        };
+        if let Content::Bytes(b) = &content {
+            ensure!(b.len() as u64 == p.bytes, "{}: planned size", t.name);
         }
+        // Tables start on even offsets (everything before them is of even size), as
+        // `TableValues::fill` needs.
+        ensure!(at.is_multiple_of(2), "{}: odd offset {at}", t.name);
+        parts.push((at, p.bytes, content));
+        at += p.bytes;
     }
-    w.flush().map_err(io)?;
-    w.into_inner()
-        .map_err(|e| anyhow!("cannot write {}: {}", partial.display(), e.error()))?
-        .sync_all()
-        .map_err(io)?;
+    Ok(FileLayout { parts, total: at })
+}
+
+/// Writes the checkpoint's Engram file under a temporary name, checks it, and renames it.
+fn write_engram_file(
+    path: &Path,
+    cfg: &EngramConfig,
+    layouts: &[LayerTableLayout],
+    args: &InitArgs,
+) -> Result<u64> {
+    let layout = plan_engram_file(cfg, layouts, args)?;
+    let total = layout.total;
+    let partial = path.with_extension("safetensors.partial");
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("writing {}", partial.display()));
+    let threads = args.threads.unwrap_or_else(default_threads);
+    parallel_write::write_parallel(&partial, total, threads, &|o, b| layout.fill(o, b), &bar)?;
     bar.finish_and_clear();
     let written = fs::metadata(&partial)?.len();
     ensure!(
@@ -568,9 +666,54 @@ fn write_engram_file(
     Ok(total)
 }
 
+/// Writer threads: four per core, so that while some generate, others' writes keep the
+/// disk busy (measured here: 8 threads on 2 cores beat 2 and 4; docs/benchmarks-e2e.md).
+fn default_threads() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The code that wrote table chunks before the parallel writer (one chunk from its
+    /// start, through `half`'s conversion): the reference the ranges must equal.
+    fn table_chunk(seed: u64, layer_id: usize, name: &str, chunk: u64, values: usize) -> Vec<u8> {
+        let mut rng = TestRng::new(tensor_seed(seed, layer_id, name, chunk));
+        let mut out = Vec::with_capacity(values * 2);
+        let mut left = values;
+        while left > 0 {
+            let r = rng.next_u64();
+            for lane in 0..4.min(left) {
+                let bits = (r >> (16 * lane)) as u16 as i16;
+                let x = bits as f32 / 32768.0;
+                out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes());
+            }
+            left -= 4.min(left);
+        }
+        out
+    }
+
+    fn table(rows: u64, width: u64) -> TableValues {
+        TableValues {
+            seed: 3,
+            layer_id: 1,
+            name: "t".into(),
+            width,
+            rows,
+        }
+    }
+
+    /// The whole table, chunk after chunk, the way it was written before.
+    fn reference(t: &TableValues) -> Vec<u8> {
+        let chunks = t.rows.div_ceil(CHUNK_ROWS);
+        (0..chunks)
+            .flat_map(|c| {
+                let rows = CHUNK_ROWS.min(t.rows - c * CHUNK_ROWS);
+                table_chunk(t.seed, t.layer_id, &t.name, c, (rows * t.width) as usize)
+            })
+            .collect()
+    }
 
     #[test]
     fn table_chunks_are_uniform_bf16_and_seeded() {
@@ -588,5 +731,53 @@ mod tests {
         let var = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
         assert!(mean.abs() < 0.1, "{mean}");
         assert!((var - 1.0 / 3.0).abs() < 0.05, "{var}");
+    }
+
+    #[test]
+    fn any_range_of_a_table_equals_the_sequential_chunks() {
+        // Three chunks and a partial one; width 6 so chunks end mid-draw (6 * 2^16 / 4 is
+        // whole, but ranges below start at every lane).
+        let t = table(3 * CHUNK_ROWS + 1000, 6);
+        let want = reference(&t);
+        let mut whole = vec![0u8; want.len()];
+        t.fill(0, &mut whole);
+        assert!(whole == want, "the whole table differs");
+        let chunk_bytes = CHUNK_ROWS * 6 * 2;
+        for (start, len) in [
+            (2, 10),
+            (4, 2),
+            (6, 8),
+            (chunk_bytes - 6, 20),
+            (2 * chunk_bytes - 2, chunk_bytes + 4),
+            (want.len() as u64 - 14, 14),
+        ] {
+            let mut got = vec![0u8; len as usize];
+            t.fill(start, &mut got);
+            assert!(
+                got[..] == want[start as usize..(start + len) as usize],
+                "bytes {start}..+{len} differ"
+            );
+        }
+    }
+
+    #[test]
+    fn a_range_past_4_gib_is_the_chunk_it_falls_in() {
+        // A 50 GB table (u64 offsets): the bytes at 40 GB are those of their chunk.
+        let t = table(400_000_000, 64);
+        let chunk_bytes = CHUNK_ROWS * 64 * 2;
+        let c = 40_000_000_000 / chunk_bytes;
+        let start = c * chunk_bytes + 4096;
+        let mut got = vec![0u8; 8192];
+        t.fill(start, &mut got);
+        let want = table_chunk(3, 1, "t", c, 6144);
+        assert!(got[..] == want[4096..], "the bytes at 40 GB differ");
+    }
+
+    #[test]
+    fn the_header_pads_the_data_to_a_page() {
+        for n in 0..10 {
+            let h = aligned_header(&json!({"x": "y".repeat(n * 1000)}));
+            assert!((8 + h.len()).is_multiple_of(4096), "{}", h.len());
+        }
     }
 }

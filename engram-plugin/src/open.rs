@@ -23,6 +23,7 @@ use engram_cuda::HostTable;
 
 use crate::device::{CudaTables, DeviceRows};
 use crate::error::{PluginError, Result};
+use crate::hot_cache::{HotCache, HOT_CACHE_ENV};
 use crate::remote;
 use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 
@@ -85,6 +86,9 @@ pub struct OpenOptions {
     pub tokenizer: Option<PathBuf>,
     /// Overrides the config found on disk.
     pub config: Option<EngramConfig>,
+    /// A hot-row cache in RAM in front of each table (CPU and reference backends), of
+    /// this size; `None` (default): rows are read from the table every time.
+    pub hot_cache: Option<HotCache>,
 }
 
 impl Default for OpenOptions {
@@ -96,16 +100,18 @@ impl Default for OpenOptions {
             remote_tables: None,
             tokenizer: None,
             config: None,
+            hot_cache: None,
         }
     }
 }
 
 impl OpenOptions {
     /// The defaults, with the backend a host engine's user chose through the environment:
-    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`, `redis://...`), `ENGRAM_BACKEND` (`cpu`, `reference`,
-    /// `cuda`, `cuda:N`) and, for CUDA,
-    /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`). A value
-    /// that does not parse is an error naming the variable, not a silent default.
+    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`, `redis://...`), `ENGRAM_BACKEND` (`cpu`,
+    /// `reference`, `cuda`, `cuda:N`) and, for CUDA,
+    /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`), and the
+    /// hot-row cache from `ENGRAM_HOT_CACHE` (`2GiB`, `5%`, `off`: [`HotCache::parse`]).
+    /// A value that does not parse is an error naming the variable, not a silent default.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let setting = |name: &str, value: &str, reason: String| PluginError::Setting {
@@ -138,6 +144,17 @@ impl OpenOptions {
                         format!("only used by the CUDA backend; set {BACKEND_ENV}=cuda"),
                     ))
                 }
+            }
+        }
+        if let Some(v) = var(HOT_CACHE_ENV) {
+            options.hot_cache = HotCache::parse(&v).map_err(|r| setting(HOT_CACHE_ENV, &v, r))?;
+            if options.hot_cache.is_some() && matches!(options.backend, BackendKind::Cuda { .. }) {
+                return Err(setting(
+                    HOT_CACHE_ENV,
+                    &v,
+                    "the CUDA backend has its own device cache (ENGRAM_CUDA_TABLES=cache:ROWS)"
+                        .into(),
+                ));
             }
         }
         Ok(options)
@@ -193,13 +210,22 @@ impl EngramRuntime {
                 Some((backend, tables))
             }
         };
+        if cuda.is_some() && options.hot_cache.is_some() {
+            return Err(PluginError::Setting {
+                name: "OpenOptions::hot_cache".into(),
+                value: format!("{:?}", options.hot_cache),
+                reason: "the CUDA backend has its own device cache (CudaTables::Cache)".into(),
+            });
+        }
         let remote = options
             .remote_tables
             .as_ref()
             .map(remote::connect)
             .transpose()?;
+        let layouts = table_layouts(&cfg.hash);
+        let all_rows: u64 = layouts.iter().map(|l| l.total_rows).sum();
         let mut layers = Vec::new();
-        for layout in table_layouts(&cfg.hash) {
+        for layout in layouts {
             let prefix = layer_prefix(layout.layer_id);
             let file = headers
                 .iter()
@@ -221,6 +247,13 @@ impl EngramRuntime {
                     let table = match &remote {
                         Some(cluster) => remote::open_table(cluster, &file, &cfg, &layout)?,
                         None => open_layer_store(&file, &cfg, &layout, options.table_mode)?,
+                    };
+                    let stored = table.num_rows() * table.row_bytes() as u64;
+                    let table: Arc<dyn TableStore> = match options.hot_cache {
+                        Some(c) => {
+                            HotCache::wrap(table, c.bytes_for(layout.total_rows, stored, all_rows))
+                        }
+                        None => table,
                     };
                     let layer: Arc<dyn engram_core::backend::EngramLayer> =
                         if options.backend == BackendKind::Reference {

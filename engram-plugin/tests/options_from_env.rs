@@ -2,7 +2,8 @@
 //! environment. One test in its own process, since it sets environment variables.
 
 use engram_plugin::{
-    BackendKind, CudaTables, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, TABLES_ENV,
+    BackendKind, CudaTables, HotCache, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, HOT_CACHE_ENV,
+    TABLES_ENV,
 };
 
 fn set(name: &str, value: Option<&str>) {
@@ -53,8 +54,29 @@ fn the_environment_selects_the_backend() {
         e.contains("ENGRAM_CUDA_TABLES") && e.contains("ENGRAM_BACKEND=cuda"),
         "{e}"
     );
+
+    // The hot-row cache: a size or a percentage; a bad value or CUDA is refused by name.
+    let hot = |backend: Option<&str>, v: Option<&str>| {
+        set(BACKEND_ENV, backend);
+        set(CUDA_TABLES_ENV, None);
+        set(HOT_CACHE_ENV, v);
+        OpenOptions::from_env()
+            .map(|o| o.hot_cache)
+            .map_err(|e| e.to_string())
+    };
+    assert_eq!(hot(None, None), Ok(None));
+    assert_eq!(hot(None, Some("2GiB")), Ok(Some(HotCache::Bytes(2 << 30))));
+    assert_eq!(
+        hot(None, Some("5%")),
+        Ok(Some(HotCache::TableFraction(0.05)))
+    );
+    assert_eq!(hot(None, Some("off")), Ok(None));
+    let e = hot(None, Some("lots")).unwrap_err();
+    assert!(e.contains("ENGRAM_HOT_CACHE=\"lots\""), "{e}");
+    let e = hot(Some("cuda"), Some("1GiB")).unwrap_err();
+    assert!(e.contains("ENGRAM_HOT_CACHE") && e.contains("CUDA"), "{e}");
+    set(HOT_CACHE_ENV, None);
     set(BACKEND_ENV, None);
-    set(CUDA_TABLES_ENV, None);
 
     // Tables in a Redis Cluster: the URL's nodes and settings, or an error naming it.
     set(

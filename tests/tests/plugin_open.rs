@@ -5,15 +5,19 @@ use engram_core::checkpoint::Checkpoint;
 use engram_core::config::Variant;
 use engram_core::golden::GoldenSample;
 use engram_core::metrics::relative_error;
-use engram_plugin::{EngramRuntime, OpenOptions, SequenceInput};
+use engram_plugin::{EngramRuntime, HotCache, LookupStats, OpenOptions, SequenceInput};
 use engram_tests::{data_path, tokenizer_path};
 
-fn golden_through_runtime(file: &str) {
+/// Runs the golden samples of `file` through a runtime opened with `hot_cache`, checks
+/// them against the file, and returns every layer's outputs and the runtime's stats.
+fn golden_through_runtime(file: &str, hot_cache: Option<HotCache>) -> (Vec<f32>, LookupStats) {
     let path = data_path(file);
     let options = OpenOptions {
         tokenizer: Some(tokenizer_path()),
+        hot_cache,
         ..OpenOptions::default()
     };
+    let mut all_outputs = Vec::new();
     let rt = EngramRuntime::open(&path, options)
         .unwrap()
         .expect("the golden file has an Engram config");
@@ -72,19 +76,58 @@ fn golden_through_runtime(file: &str) {
                 rel <= tol,
                 "{file} sample {sample} layer {layer_id}: rel err {rel:e}"
             );
+            all_outputs.extend_from_slice(got);
         }
     }
     assert!(rt.stats().rows_fetched > 0);
+    (all_outputs, rt.stats())
 }
 
 #[test]
 fn paper_golden_through_the_runtime() {
-    golden_through_runtime("forward_demo_small.safetensors");
+    golden_through_runtime("forward_demo_small.safetensors", None);
 }
 
 #[test]
 fn v41_golden_through_the_runtime() {
-    golden_through_runtime("forward_v41_small.safetensors");
+    golden_through_runtime("forward_v41_small.safetensors", None);
+}
+
+/// With a hot-row cache the outputs are the same bit for bit, and its hits, misses and
+/// bytes reach the stats (a row looked up again hits: the samples repeat n-grams).
+#[test]
+fn the_hot_cache_changes_no_output_and_reports_its_hits() {
+    for file in [
+        "forward_demo_small.safetensors",
+        "forward_v41_small.safetensors",
+    ] {
+        let (plain, plain_stats) = golden_through_runtime(file, None);
+        assert_eq!(
+            plain_stats.store.cache_hits + plain_stats.store.cache_misses,
+            0
+        );
+        for cache in [HotCache::Bytes(1 << 30), HotCache::TableFraction(0.01)] {
+            let (cached, stats) = golden_through_runtime(file, Some(cache));
+            assert!(
+                plain
+                    .iter()
+                    .zip(&cached)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && plain.len() == cached.len(),
+                "{file} {cache:?}: outputs differ with the cache"
+            );
+            let s = stats.store;
+            assert_eq!(
+                s.cache_hits + s.cache_misses,
+                stats.rows_fetched,
+                "{file} {cache:?}: every row is a hit or a miss"
+            );
+            assert!(
+                s.cache_misses > 0 && s.cache_bytes > 0,
+                "{file} {cache:?}: {s:?}"
+            );
+        }
+    }
 }
 
 #[test]

@@ -75,7 +75,7 @@ pub struct GatherReport {
     /// all threads, best of 5 passes; keyed by row bytes (128, 256, 512, 1024).
     pub gather_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// The same gathers from the same file memory-mapped (`TableMode::Mmap`, page cache
-    /// warmed; rows 64-byte aligned in the file, as `engram init-checkpoint` writes them).
+    /// warmed; rows starting on a page of the file, as `engram init-checkpoint` writes them).
     pub gather_mmap_gb_per_s_by_row_bytes: Vec<(usize, f64)>,
     /// Gather from RAM at 128-byte rows, all threads.
     pub gather_gb_per_s: f64,

@@ -153,9 +153,9 @@ fn mapped_table(
         chunk.copy_from_slice(&draw[..chunk.len()]);
     }
     let path = dir.join(format!("{name}.safetensors"));
-    // The header is padded so the rows start on a 64-byte boundary, as `engram
-    // init-checkpoint` writes them (the safetensors crate aligns to 8 only, and a 128-byte
-    // row at an 8-byte offset spans three cache lines instead of two).
+    // The header is padded so the rows start on a page (so on a 64-byte boundary), as
+    // `engram init-checkpoint` writes them (the safetensors crate aligns to 8 only, and a
+    // 128-byte row at an 8-byte offset spans three cache lines instead of two).
     let header = crate::init_checkpoint::aligned_header(&serde_json::json!({
         "table": {
             "dtype": if elem == 4 { "F32" } else { "BF16" },

@@ -27,6 +27,11 @@ impl TestRng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
     }
+    /// Moves on as `n` calls of [`Self::next_u64`] would, in constant time (SplitMix64's
+    /// state only adds its constant per call), so a generator can start mid-stream.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    }
     /// Uniform in `[0, n)`.
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n.max(1)

@@ -13,12 +13,15 @@
 //! [`engram_core::checkpoint::load_dense_table`] does (F8 rows dequantized and rounded to
 //! bf16), and [`CpuTable::gather_raw`] copies them as stored.
 //!
+//! [`CachedStore`] keeps the hottest rows of any store in RAM, bounded in bytes.
+//!
 //! To find a layer's table in a file, use
 //! [`engram_core::checkpoint::table_spec_from_header`] (header only) or
 //! [`CpuTable::open_layer`].
 
 mod disk;
 mod gather;
+pub mod hot_cache;
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -36,6 +39,7 @@ pub use disk::{DiskOptions, DiskTable, ReadEngine, FALLBACK_ENGINE, PAGE_BYTES};
 pub use engram_core::table::bytes::AlignedBytes;
 use gather::{run_chunked, Rows};
 pub use gather::{OutputStores, SCALE_BLOCK};
+pub use hot_cache::CachedStore;
 
 /// Gathers moving fewer bytes than this stay on the calling thread (see
 /// [`CpuTable::set_parallel_min_bytes`]).
