@@ -29,6 +29,9 @@ pub struct BenchStoreArgs {
     /// Nodes of the cluster started on loopback ports.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+    /// Run this host binary instead of building one (`cargo xtask mistralrs-build`).
+    #[arg(long)]
+    host: Option<std::path::PathBuf>,
     /// Extra environment for the store runs, `NAME=VALUE` (a hot-row cache's switch).
     #[arg(long)]
     store_env: Vec<String>,
@@ -37,7 +40,10 @@ pub struct BenchStoreArgs {
 pub fn run(args: BenchStoreArgs) -> Result<()> {
     let engram = e2e::ensure_cli(true)?;
     let model = e2e::ensure_model()?;
-    let host = e2e::ensure_host(args.release)?;
+    let host = match &args.host {
+        Some(h) => h.clone(),
+        None => e2e::ensure_host(args.release)?,
+    };
     let demo = e2e::ensure_checkpoint(&engram, &model, e2e::DEMO.0, e2e::DEMO.1)?;
     let cluster = TestCluster::start("bench-store", args.nodes)
         .context("bench-store needs redis-server and redis-cli (apt-get install redis-server)")?;
