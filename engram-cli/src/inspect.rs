@@ -133,7 +133,7 @@ impl InspectReport {
 }
 
 /// The checkpoint's files: `path` itself, or the directory's `*.safetensors` (sorted).
-fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -154,7 +154,7 @@ fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// The config: a directory's `config.json`; for a file, its `meta` metadata, else a
 /// sibling `config.json`.
-fn find_config(
+pub(crate) fn find_config(
     path: &Path,
     headers: &[Option<SafetensorsHeader>],
 ) -> Result<(EngramConfig, String)> {

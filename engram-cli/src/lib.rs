@@ -6,7 +6,8 @@
 //! config), `init-checkpoint` (a seeded paper-variant Engram checkpoint for a model),
 //! `check-trace` (a host's Engram trace against the reference forward), `bench-disk`
 //! (the disk tier's ways of reading rows, cold and warm), `cache-replay` (the hot-row
-//! cache's hit rate against its size on real text).
+//! cache's hit rate against its size on real text), `upload` (a checkpoint's tables into
+//! a Redis Cluster).
 
 pub mod bench;
 pub mod bench_disk;
@@ -16,6 +17,7 @@ pub mod golden;
 pub mod init_checkpoint;
 pub mod inspect;
 pub mod text;
+pub mod upload;
 
 use std::path::Path;
 

@@ -74,6 +74,9 @@ enum Command {
     /// text files with a model's Engram config and replays each layer's rows through
     /// caches of a few sizes (docs/benchmarks-e2e.md).
     CacheReplay(engram_cli::cache_replay::ReplayArgs),
+    /// Load a checkpoint's Engram tables into a Redis Cluster (resumable: blocks already
+    /// there are skipped), for hosts run with ENGRAM_TABLES=redis://host:port[,...].
+    Upload(engram_cli::upload::UploadArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -172,6 +175,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", engram_cli::bench_disk::format_text(&report));
+            }
+        }
+        Command::Upload(args) => {
+            let summary = engram_cli::upload::upload(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", summary.to_text());
             }
         }
         Command::InitCheckpoint(args) => {

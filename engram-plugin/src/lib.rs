@@ -20,6 +20,7 @@ pub mod error;
 pub mod hot_cache;
 pub mod open;
 pub mod prefetch;
+pub mod remote;
 pub mod runtime;
 pub mod stats;
 pub mod step;

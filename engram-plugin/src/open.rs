@@ -24,6 +24,7 @@ use engram_cuda::HostTable;
 use crate::device::{CudaTables, DeviceRows};
 use crate::error::{PluginError, Result};
 use crate::hot_cache::{HotCache, HOT_CACHE_ENV};
+use crate::remote;
 use crate::runtime::{EngramRuntime, RuntimeLayer, RuntimeOptions};
 
 /// Where the Engram layers compute.
@@ -66,7 +67,8 @@ impl std::str::FromStr for BackendKind {
 pub const BACKEND_ENV: &str = "ENGRAM_BACKEND";
 /// Selects where the CUDA backend keeps the tables, for [`OpenOptions::from_env`].
 pub const CUDA_TABLES_ENV: &str = "ENGRAM_CUDA_TABLES";
-/// Selects how the tables are read on the host (`mmap`, `ram`, `disk`), for
+/// Selects how the tables are read on the host (`mmap`, `ram`, `disk`), or the
+/// distributed store they are read from (`redis://host:port[,host:port...]`), for
 /// [`OpenOptions::from_env`].
 pub const TABLES_ENV: &str = "ENGRAM_TABLES";
 
@@ -77,6 +79,9 @@ pub struct OpenOptions {
     /// Memory-map the tables (default), read them into RAM, or read each step's rows
     /// from disk ([`TableMode::Disk`], for tables larger than RAM; CPU backend only).
     pub table_mode: TableMode,
+    /// Read the tables from this Redis Cluster instead (`table_mode` is then unused;
+    /// CPU backend only): see [`crate::remote`].
+    pub remote_tables: Option<engram_redis::ClusterUrl>,
     /// The tokenizer whose ids the host passes (default: `tokenizer.json` beside the weights).
     pub tokenizer: Option<PathBuf>,
     /// Overrides the config found on disk.
@@ -92,6 +97,7 @@ impl Default for OpenOptions {
             runtime: RuntimeOptions::default(),
             backend: BackendKind::Cpu,
             table_mode: TableMode::Mmap,
+            remote_tables: None,
             tokenizer: None,
             config: None,
             hot_cache: None,
@@ -101,11 +107,11 @@ impl Default for OpenOptions {
 
 impl OpenOptions {
     /// The defaults, with the backend a host engine's user chose through the environment:
-    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`), `ENGRAM_BACKEND` (`cpu`, `reference`,
-    /// `cuda`, `cuda:N`) and, for CUDA, `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`,
-    /// `zero-copy`, `cache:ROWS`), and the hot-row cache from `ENGRAM_HOT_CACHE` (`2GiB`,
-    /// `5%`, `off`: [`HotCache::parse`]). A value that does not parse is an error naming
-    /// the variable, not a silent default.
+    /// `ENGRAM_TABLES` (`mmap`, `ram`, `disk`, `redis://...`), `ENGRAM_BACKEND` (`cpu`,
+    /// `reference`, `cuda`, `cuda:N`) and, for CUDA,
+    /// `ENGRAM_CUDA_TABLES` (`pinned-host`, `device`, `zero-copy`, `cache:ROWS`), and the
+    /// hot-row cache from `ENGRAM_HOT_CACHE` (`2GiB`, `5%`, `off`: [`HotCache::parse`]).
+    /// A value that does not parse is an error naming the variable, not a silent default.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let setting = |name: &str, value: &str, reason: String| PluginError::Setting {
@@ -115,7 +121,14 @@ impl OpenOptions {
         };
         let mut options = Self::default();
         if let Some(v) = var(TABLES_ENV) {
-            options.table_mode = v.parse().map_err(|r| setting(TABLES_ENV, &v, r))?;
+            if v.starts_with("redis://") {
+                let url = v.parse().map_err(|r| setting(TABLES_ENV, &v, r))?;
+                options.remote_tables = Some(url);
+            } else {
+                options.table_mode = v.parse().map_err(|r: String| {
+                    setting(TABLES_ENV, &v, format!("{r}, or redis://host:port[,...]"))
+                })?;
+            }
         }
         if let Some(v) = var(BACKEND_ENV) {
             options.backend = v.parse().map_err(|r| setting(BACKEND_ENV, &v, r))?;
@@ -180,6 +193,13 @@ impl EngramRuntime {
                     reason: "the disk tier reads rows for the CPU backend only; the CUDA backend takes mmap or ram".into(),
                 })
             }
+            BackendKind::Cuda { .. } if options.remote_tables.is_some() => {
+                return Err(PluginError::Setting {
+                    name: TABLES_ENV.into(),
+                    value: "redis://...".into(),
+                    reason: "tables in a Redis Cluster are read for the CPU backend only".into(),
+                })
+            }
             BackendKind::Cuda { ordinal, tables } => {
                 let backend = engram_cuda::CudaBackend::try_new(ordinal).map_err(|source| {
                     PluginError::Cuda {
@@ -197,6 +217,11 @@ impl EngramRuntime {
                 reason: "the CUDA backend has its own device cache (CudaTables::Cache)".into(),
             });
         }
+        let remote = options
+            .remote_tables
+            .as_ref()
+            .map(remote::connect)
+            .transpose()?;
         let layouts = table_layouts(&cfg.hash);
         let all_rows: u64 = layouts.iter().map(|l| l.total_rows).sum();
         let mut layers = Vec::new();
@@ -219,7 +244,10 @@ impl EngramRuntime {
             };
             let layer = match &cuda {
                 None => {
-                    let table = open_layer_store(&file, &cfg, &layout, options.table_mode)?;
+                    let table = match &remote {
+                        Some(cluster) => remote::open_table(cluster, &file, &cfg, &layout)?,
+                        None => open_layer_store(&file, &cfg, &layout, options.table_mode)?,
+                    };
                     let stored = table.num_rows() * table.row_bytes() as u64;
                     let table: Arc<dyn TableStore> = match options.hot_cache {
                         Some(c) => {

@@ -93,4 +93,27 @@ fn the_environment_selects_the_backend() {
     let e = hot(Some("cuda"), Some("1GiB")).unwrap_err();
     assert!(e.contains("ENGRAM_HOT_CACHE") && e.contains("CUDA"), "{e}");
     set(HOT_CACHE_ENV, None);
+    set(BACKEND_ENV, None);
+
+    // Tables in a Redis Cluster: the URL's nodes and settings, or an error naming it.
+    set(
+        TABLES_ENV,
+        Some("redis://127.0.0.1:7000,127.0.0.1:7001?timeout_ms=250"),
+    );
+    let remote = OpenOptions::from_env().unwrap().remote_tables.unwrap();
+    assert_eq!(remote.seeds, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+    assert_eq!(remote.deadline, std::time::Duration::from_millis(250));
+    for bad in [
+        "redis://nohost",
+        "redis://h:1?timeout_ms=0",
+        "redis:/h:1",
+        "redis://h:1?x=1",
+    ] {
+        set(TABLES_ENV, Some(bad));
+        let e = OpenOptions::from_env().unwrap_err().to_string();
+        assert!(e.contains(TABLES_ENV) && e.contains(bad), "{e}");
+    }
+    set(TABLES_ENV, Some("mmap"));
+    assert!(OpenOptions::from_env().unwrap().remote_tables.is_none());
+    set(TABLES_ENV, None);
 }

@@ -160,10 +160,20 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
         .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }
 
+/// The prompt of the end-to-end benchmarks.
+pub const BENCH_PROMPT: &str = "Explain in detail how a steam engine works, from the boiler \
+    and the firebox to the piston, the valve gear and the flywheel, and why it was so \
+    important for the industrial revolution in Britain and elsewhere.";
+
 /// One run of the host with `--json`; returns its JSON summary.
 pub fn run_host(host: &Path, args: &[String]) -> Result<Value> {
+    run_host_with_env(host, args, &[])
+}
+
+/// [`run_host`] with `env` added to the host's environment.
+pub fn run_host_with_env(host: &Path, args: &[String], env: &[(String, String)]) -> Result<Value> {
     let mut cmd = Command::new(host);
-    cmd.args(args);
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
     run_host_command(cmd, &format!("{} {}", host.display(), args.join(" ")))
 }
 
@@ -403,9 +413,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
     let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
-    let prompt = "Explain in detail how a steam engine works, from the boiler and the \
-                  firebox to the piston, the valve gear and the flywheel, and why it was \
-                  so important for the industrial revolution in Britain and elsewhere.";
+    let prompt = BENCH_PROMPT;
     let mut best: [Option<Value>; 2] = [None, None];
     let mut runs = Vec::new();
     for _ in 0..args.repeats.max(1) {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_sharing;
+mod bench_store;
 mod bench_tables;
 mod corpus;
 mod demo;
@@ -53,6 +54,9 @@ enum Task {
     },
     /// Lint and test: fmt check, clippy, then `test`.
     Ci,
+    /// The patched mistral.rs host on SmolLM2 with tables local (mmap) against tables in
+    /// a Redis Cluster started on loopback ports; prints JSON (docs/benchmarks-e2e.md).
+    BenchStore(bench_store::BenchStoreArgs),
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
     /// Builds engram-cuda and runs its GPU tests (the ignored GPU tests included) and benchmark;
@@ -123,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
             e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
         Task::Bench => bench::run(),
+        Task::BenchStore(args) => bench_store::run(args),
         Task::TestGpu(args) => test_gpu::run(args),
         Task::MistralrsBuild(args) => mistralrs::run(args),
         Task::Demo(args) => demo::run(args),

@@ -314,6 +314,42 @@ impl TableStore for CpuTable {
     }
 }
 
+/// Decodes stored rows laid one after another (`values`: `[n, value_row_bytes]`; F8 only,
+/// `scales`: `[n, ceil(width / SCALE_BLOCK)]`) into `out` (`[n, width]` f32), exactly as
+/// [`CpuTable`]'s gather does: for stores that fetch rows as bytes from elsewhere (a
+/// remote store) and decode them here. `what` names the rows in a size error.
+pub fn decode_stored_rows(
+    what: &str,
+    dtype: RowDtype,
+    width: usize,
+    values: &[u8],
+    scales: &[u8],
+    out: &mut [f32],
+) -> Result<()> {
+    let n = out.len() / width.max(1);
+    let (vb, sb) = (dtype.value_row_bytes(width), dtype.scale_row_bytes(width));
+    if out.len() != n * width || values.len() != n * vb || scales.len() != n * sb {
+        return Err(EngramError::shape(
+            format!("stored rows of `{what}`"),
+            format!(
+                "{n} rows of {vb} value and {sb} scale bytes (out {} f32)",
+                out.len()
+            ),
+            format!("{} value and {} scale bytes", values.len(), scales.len()),
+        ));
+    }
+    let rows = Rows {
+        dtype,
+        width,
+        rows: n as u64,
+        values,
+        scales,
+    };
+    let ids: Vec<u64> = (0..n as u64).collect();
+    rows.decode(&ids, out, OutputStores::Cached)
+        .map_err(|row| EngramError::Other(format!("row {row} of `{what}` could not be decoded")))
+}
+
 /// Checks `spec` against the file's header and returns the byte ranges of the rows and
 /// (F8) of the scales. Every tensor of the file must lie inside it.
 fn locate(
