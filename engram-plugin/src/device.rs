@@ -4,17 +4,17 @@
 //! the device gather is ordered after that copy by an event, not a host wait, and the
 //! layer's math runs on the device.
 //!
-//! Hidden states and conv windows still cross the bus at each layer: the host hands over
-//! host (or candle) buffers, and candle's CUDA tensors are off in these builds (candle's
-//! `cuda` feature links CUDA and needs nvcc at build time; these crates must build
-//! without either).
+//! With host (CPU tensor) hidden states, they and the conv windows cross the bus at each
+//! layer. With the `cuda` feature, hidden states that are candle CUDA tensors are read and
+//! written in device memory and the windows stay there (`step/cuda.rs`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use engram_core::backend::Segment;
+use engram_cuda::cudarc::driver::CudaSlice;
 use engram_cuda::{
-    CachedTable, CudaBackend, CudaLayer, DeviceTable, DeviceTableStore, HostTable, PinnedTable,
-    Placement, Prefetch, Rows, TableStats, ZeroCopyTable,
+    CachedTable, CudaBackend, CudaLayer, DeviceSegment, DeviceTable, DeviceTableStore, HostTable,
+    PinnedTable, Placement, Prefetch, Rows, TableStats, ZeroCopyTable,
 };
 
 /// Where the CUDA backend keeps each layer's table.
@@ -103,6 +103,33 @@ impl DeviceRows {
     ) -> engram_cuda::Result<()> {
         let mut store = self.lock();
         self.layer.forward_host_rows(
+            store.as_mut(),
+            Rows::Prefetched(ticket),
+            hidden,
+            dead,
+            segments,
+            out,
+        )
+    }
+
+    /// The backend (device, streams) the layer runs on.
+    pub fn backend(&self) -> &CudaBackend {
+        self.layer.backend()
+    }
+
+    /// The layer on device buffers (`[tokens, hc_mult*hidden]` f32), its rows from `ticket`,
+    /// queued on the backend's compute stream.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn apply_device(
+        &self,
+        ticket: Prefetch,
+        hidden: &CudaSlice<f32>,
+        dead: Option<&[bool]>,
+        segments: &mut [DeviceSegment<'_>],
+        out: &mut CudaSlice<f32>,
+    ) -> engram_cuda::Result<()> {
+        let mut store = self.lock();
+        self.layer.forward_rows(
             store.as_mut(),
             Rows::Prefetched(ticket),
             hidden,

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod cuda_toolkit;
 mod demo;
 mod e2e;
 mod mistralrs;
