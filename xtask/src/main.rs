@@ -1,9 +1,11 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod check_cuda;
 mod cuda_toolkit;
 mod demo;
 mod e2e;
+mod gpu_e2e;
 mod mistralrs;
 mod model;
 mod nvrtc;
@@ -51,6 +53,9 @@ enum Task {
     },
     /// Lint and test: fmt check, clippy, then `test`.
     Ci,
+    /// Compile check (clippy) of engram-plugin's `cuda` feature, with nvcc from pinned PyPI
+    /// wheels and candle-core patched to load CUDA at run time; needs no GPU.
+    CheckCuda,
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
     /// Builds engram-cuda and runs its GPU tests (the ignored GPU tests included) and benchmark;
@@ -113,6 +118,7 @@ fn run(cli: Cli) -> Result<()> {
             cargo_with_env(&["test", "--workspace"], &nvrtc::test_env()?)?;
             e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
+        Task::CheckCuda => check_cuda::run(),
         Task::Bench => bench::run(),
         Task::TestGpu(args) => test_gpu::run(args),
         Task::MistralrsBuild(args) => mistralrs::run(args),

@@ -76,14 +76,14 @@ const CANDLE_LOADING: &str = "    \"dynamic-loading\",\n";
 pub struct MistralrsBuildArgs {
     /// Build with `--release` (about 15 minutes on 2 cores; debug about 6-10).
     #[arg(long)]
-    release: bool,
+    pub release: bool,
     /// Prepare `target/mistralrs-build/` (fetch, patch, host workspace) but do not build.
     #[arg(long)]
-    no_build: bool,
+    pub no_build: bool,
     /// With mistral.rs's `cuda` feature (and engram-plugin's) for sm_90, in
     /// `target/mistralrs-build-cuda/`; needs no GPU (nvcc is fetched from PyPI).
     #[arg(long)]
-    cuda: bool,
+    pub cuda: bool,
 }
 
 /// Where `mistralrs-build` works, and where its binary lands.
@@ -139,7 +139,7 @@ pub fn run(args: MistralrsBuildArgs) -> Result<()> {
         cmd.arg("--release");
     }
     if let Some(toolkit) = &toolkit {
-        cmd.envs(cuda_build_env(toolkit)?);
+        cmd.envs(cuda_build_env(toolkit, true)?);
     }
     let started = std::time::Instant::now();
     run_cmd(&mut cmd)?;
@@ -159,6 +159,7 @@ pub fn run(args: MistralrsBuildArgs) -> Result<()> {
 /// runtime's `lib` (candle-kernels' MoE kernels link `cudart`).
 pub fn cuda_build_env(
     toolkit: &crate::cuda_toolkit::Toolkit,
+    link: bool,
 ) -> Result<Vec<(&'static str, std::ffi::OsString)>> {
     let mut paths = vec![toolkit.bin()];
     if let Some(old) = std::env::var_os("PATH") {
@@ -168,14 +169,18 @@ pub fn cuda_build_env(
     let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
     rustflags.push_str(&format!(" -L native={}", toolkit.lib().display()));
     let root = toolkit.root.clone().into_os_string();
-    Ok(vec![
+    let mut env = vec![
         ("PATH", path),
         ("CUDA_COMPUTE_CAP", CUDA_COMPUTE_CAP.into()),
         ("CUDA_ROOT", root.clone()),
         ("CUDA_PATH", root.clone()),
         ("CUDA_HOME", root),
-        ("RUSTFLAGS", rustflags.trim().into()),
-    ])
+    ];
+    // Only a build that links needs it (and RUSTFLAGS would rebuild every crate).
+    if link {
+        env.push(("RUSTFLAGS", rustflags.trim().into()));
+    }
+    Ok(env)
 }
 
 /// Copies candle-core to `build/candle-core` with its cudarc switched from linking CUDA to
@@ -220,13 +225,13 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
 }
 
 /// The unpacked sources of the crates the build copies and patches.
-struct Sources {
-    mistralrs_core: PathBuf,
-    candle_core: PathBuf,
+pub(crate) struct Sources {
+    pub mistralrs_core: PathBuf,
+    pub candle_core: PathBuf,
 }
 
 /// Has cargo download mistralrs-core (with candle-core) and returns their source directories.
-fn fetch(build: &Path) -> Result<Sources> {
+pub(crate) fn fetch(build: &Path) -> Result<Sources> {
     let dir = build.join("fetch");
     fs::create_dir_all(&dir)?;
     write_if_changed(
