@@ -7,6 +7,8 @@
 #
 # Phases, each recorded under $OUT as it ends (a run stopped by the call's limit still
 # returns what it finished):
+#   0. engram-plugin's `cuda` feature tests (CUDA-tensor hidden states against host
+#      tensors, bit for bit), from the repository's tests/data;
 #   1. ~1B shape, f32: identity (zero-value Engram vs --no-engram: logits bit-equal),
 #      KV cache vs recompute (greedy ids equal), the in-host trace against the reference
 #      (`engram check-trace`);
@@ -29,14 +31,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 work="${ENGRAM_E2E_WORK:-/tmp/engram-e2e}"
 shm="${ENGRAM_E2E_SHM:-/dev/shm/engram-e2e}"
 mkdir -p "$work" "$shm"
-for b in engram-mistralrs-host engram; do
+for b in engram-mistralrs-host engram plugin-cuda_tensors; do
   [ -x "$work/$b" ] || { xz -dc "$here/$b.xz" > "$work/$b.part" && chmod +x "$work/$b.part" && mv "$work/$b.part" "$work/$b"; } || exit 1
 done
 host="$work/engram-mistralrs-host"
 engram="$work/engram"
-# NVRTC and cuBLAS for the Engram kernels and candle: the image's pip wheels.
+# NVRTC, cuBLAS and cuRAND (loaded at run time) and cudart (linked by candle's and
+# mistralrs-quant's kernels): the image's pip wheels.
 extra=""
-for f in $(find /usr/local /opt /usr/lib -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcurand.so*' \) -not -path '*/stubs/*' 2>/dev/null); do
+for f in $(find /usr/local /opt /usr/lib -maxdepth 10 \( -name 'libnvrtc.so*' -o -name 'libcublas.so*' -o -name 'libcurand.so*' -o -name 'libcudart.so*' \) -not -path '*/stubs/*' 2>/dev/null); do
   extra="$extra:$(dirname "$f")"
 done
 export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:-}$extra"
@@ -66,6 +69,15 @@ PY
     return 1
   fi
 }
+
+# ---- 0. the plugin's CUDA tensor path ----
+[ -z "${ENGRAM_TEST_DATA:-}" ] && [ -f "$PWD/tests/data/forward_demo_small.safetensors" ] && export ENGRAM_TEST_DATA="$PWD/tests/data"
+if timeout 300 "$work/plugin-cuda_tensors" --test-threads=1 --include-ignored > "$out/plugin-cuda_tensors.txt" 2>&1; then
+  echo '{"check":"plugin_cuda_tensors","passed":true}' >> "$runs"; note "plugin cuda_tensors: passed"
+else
+  echo '{"check":"plugin_cuda_tensors","passed":false}' >> "$runs"; failed="$failed plugin-cuda_tensors"
+  note "plugin cuda_tensors FAILED: $(tail -20 "$out/plugin-cuda_tensors.txt")"
+fi
 
 # ---- 1. checks on the ~1B shape ----
 python3 "$here/make_llama.py" --shape 1b --tokenizer "$here/tokenizer" --out "$work/llama-1b" --seed 1 || exit 1

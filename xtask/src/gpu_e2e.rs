@@ -1,7 +1,8 @@
 //! `cargo xtask test-gpu --e2e --bundle DIR`: the end-to-end GPU run of mistral.rs with
 //! Engram (issue 20) as one folder for a device machine that has no Rust and no network:
-//! the CUDA host (`mistralrs-build --cuda --release`) and the `engram` CLI, stripped and
-//! xz-compressed, SmolLM2's tokenizer files, and `scripts/gpu-e2e/` (`e2e.sh` makes the
+//! the CUDA host (`mistralrs-build --cuda --release`), the `engram` CLI and engram-plugin's
+//! `cuda` feature tests (`cuda_tensors`), stripped and xz-compressed, SmolLM2's tokenizer
+//! files, and `scripts/gpu-e2e/` (`e2e.sh` makes the
 //! ~1B and ~8B random-weight Llama models and the >= 30B-parameter tables there, runs the
 //! checks and the throughput modes, and writes `gpu-e2e.json` under `$OUT`).
 //!
@@ -53,10 +54,12 @@ pub fn bundle(dir: &Path) -> Result<()> {
     })?;
     let engram = crate::e2e::ensure_cli(true)?;
     let model = crate::e2e::ensure_model()?;
+    let plugin_tests = crate::check_cuda::plugin_gpu_tests(&root)?;
 
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     compress(&host, &dir.join("engram-mistralrs-host.xz"))?;
     compress(&engram, &dir.join("engram.xz"))?;
+    compress(&plugin_tests, &dir.join("plugin-cuda_tensors.xz"))?;
     let tokenizer = dir.join("tokenizer");
     fs::create_dir_all(&tokenizer)?;
     for name in TOKENIZER_FILES {

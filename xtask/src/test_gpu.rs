@@ -185,7 +185,7 @@ fn build() -> Result<Built> {
 
 /// The string value of the first `"key":"..."` in a line of cargo's JSON (no escapes
 /// expected in paths and target names).
-fn json_str(line: &str, key: &str) -> Option<String> {
+pub(crate) fn json_str(line: &str, key: &str) -> Option<String> {
     let pat = format!("\"{key}\":\"");
     let start = line.find(&pat)? + pat.len();
     let end = line[start..].find('"')? + start;
