@@ -38,6 +38,11 @@ struct Args {
     /// Activation dtype: f32, bf16, f16 or auto.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Where the model runs: `cpu`, or `cuda` (device 0; needs the host built with
+    /// `cargo xtask mistralrs-build --cuda`). Engram's own backend is chosen by
+    /// ENGRAM_BACKEND (set ENGRAM_BACKEND=cuda to keep its layers on the GPU too).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print one JSON object instead of text and a summary.
     #[arg(long)]
     json: bool,
@@ -104,9 +109,15 @@ async fn main() -> Result<()> {
 
     let load_start = Instant::now();
     let mut builder = TextModelBuilder::new(dir.display())
-        .with_force_cpu()
         .with_dtype(dtype)
         .with_max_num_seqs(args.prompt.len());
+    builder = match args.device.as_str() {
+        "cpu" => builder.with_force_cpu(),
+        "cuda" => builder.with_device(mistralrs::Device::new_cuda(0).context(
+            "--device cuda: cannot open CUDA device 0 (is this host built with --cuda?)",
+        )?),
+        other => bail!("unknown device {other:?} (cpu or cuda)"),
+    };
     if args.no_prefix_cache {
         builder = builder.with_prefix_cache_n(None);
     }

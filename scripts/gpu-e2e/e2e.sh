@@ -84,9 +84,9 @@ python3 "$here/make_llama.py" --shape 1b --tokenizer "$here/tokenizer" --out "$w
 "$engram" init-checkpoint --model "$work/llama-1b" --out "$work/llama-1b-zero" --layers 1,8 --vocab 200000 --zero-value > /dev/null || exit 1
 "$engram" init-checkpoint --model "$work/llama-1b" --out "$work/llama-1b-strong" --layers 1,8 --vocab 200000 --value-scale 2.0 > /dev/null || exit 1
 prompt="Write a short story about a lighthouse keeper who finds a message in a bottle."
-check=(--prompt "$prompt" --max-tokens 24 --dtype f32)
-run identity-engram "$work/llama-1b-zero" "${check[@]}" --logits "$work/id-on.f32"
-run identity-none "$work/llama-1b-zero" "${check[@]}" --no-engram --logits "$work/id-off.f32"
+check=(--prompt "$prompt" --max-tokens 24 --dtype f32 --device cuda)
+run identity-engram "$work/llama-1b-zero" "${check[@]}" --dump-logits "$work/id-on.f32"
+run identity-none "$work/llama-1b-zero" "${check[@]}" --no-engram --dump-logits "$work/id-off.f32"
 if cmp -s "$work/id-on.f32" "$work/id-off.f32"; then
   echo '{"check":"identity","passed":true}' >> "$runs"; note "identity: logits bit-equal"
 else
@@ -126,8 +126,8 @@ for rep in 1 2; do
         decode32) args=("${batch[@]}" --max-tokens 64) ;;
       esac
       case $mode in
-        none) ENGRAM_CUDA_TABLES= run "8b-$mode-$load-$rep" "$shm/llama-8b-engram" "${args[@]}" --dtype bf16 --no-engram ;;
-        *) ENGRAM_CUDA_TABLES=$mode run "8b-$mode-$load-$rep" "$shm/llama-8b-engram" "${args[@]}" --dtype bf16 ;;
+        none) ENGRAM_CUDA_TABLES= run "8b-$mode-$load-$rep" "$shm/llama-8b-engram" "${args[@]}" --dtype bf16 --device cuda --no-engram ;;
+        *) ENGRAM_CUDA_TABLES=$mode run "8b-$mode-$load-$rep" "$shm/llama-8b-engram" "${args[@]}" --dtype bf16 --device cuda ;;
       esac
     done
   done
