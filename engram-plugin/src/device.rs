@@ -11,10 +11,9 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use engram_core::backend::Segment;
-use engram_cuda::cudarc::driver::CudaSlice;
 use engram_cuda::{
-    CachedTable, CudaBackend, CudaLayer, DeviceSegment, DeviceTable, DeviceTableStore, HostTable,
-    PinnedTable, Placement, Prefetch, Rows, TableStats, ZeroCopyTable,
+    CachedTable, CudaBackend, CudaLayer, DeviceTable, DeviceTableStore, HostTable, PinnedTable,
+    Placement, Prefetch, Rows, TableStats, ZeroCopyTable,
 };
 
 /// Where the CUDA backend keeps each layer's table.
@@ -117,26 +116,14 @@ impl DeviceRows {
         self.layer.backend()
     }
 
-    /// The layer on device buffers (`[tokens, hc_mult*hidden]` f32), its rows from `ticket`,
-    /// queued on the backend's compute stream.
+    /// Runs `f` with the layer and its table store (locked): a forward on device buffers
+    /// (`step/cuda.rs`), queued on the backend's compute stream.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    pub(crate) fn apply_device(
+    pub(crate) fn with_layer<R>(
         &self,
-        ticket: Prefetch,
-        hidden: &CudaSlice<f32>,
-        dead: Option<&[bool]>,
-        segments: &mut [DeviceSegment<'_>],
-        out: &mut CudaSlice<f32>,
-    ) -> engram_cuda::Result<()> {
-        let mut store = self.lock();
-        self.layer.forward_rows(
-            store.as_mut(),
-            Rows::Prefetched(ticket),
-            hidden,
-            dead,
-            segments,
-            out,
-        )
+        f: impl FnOnce(&CudaLayer, &mut dyn DeviceTableStore) -> R,
+    ) -> R {
+        f(&self.layer, self.lock().as_mut())
     }
 
     fn lock(&self) -> MutexGuard<'_, Box<dyn DeviceTableStore>> {

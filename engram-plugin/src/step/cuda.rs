@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use candle_core::{CudaStorage, DType, Storage, Tensor};
-use engram_cuda::{CudaBackendError, DeviceConvState, DeviceSegment};
+use engram_cuda::{CudaBackendError, DeviceConvState, DeviceSegment, Rows};
 
 use super::Step;
 use crate::device::DeviceRows;
@@ -223,7 +223,16 @@ impl Step<'_> {
                     conv: w.as_mut(),
                 })
                 .collect();
-            device.apply_device(ticket, packed, dead, &mut segments, out)
+            device.with_layer(|layer, store| {
+                layer.forward_rows(
+                    store,
+                    Rows::Prefetched(ticket),
+                    packed,
+                    dead,
+                    &mut segments,
+                    out,
+                )
+            })
         };
         // Windows go back even when the layer failed: the next step then rebuilds them.
         for ((seq_id, state), window) in self.states.iter().zip(states) {
