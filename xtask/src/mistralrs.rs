@@ -488,6 +488,46 @@ mod tests {
         assert!(removed <= 1, "{removed} upstream lines removed");
     }
 
+    /// `--cuda` switches exactly candle-core's cudarc line, and refuses a manifest where
+    /// that line is missing or ambiguous rather than building a linking candle.
+    #[test]
+    fn candle_patch_switches_cudarc_to_dynamic_loading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pristine = tmp.path().join("pristine");
+        fs::create_dir_all(pristine.join("src")).unwrap();
+        fs::write(pristine.join("src/lib.rs"), "").unwrap();
+        let manifest =
+            "[dependencies.cudarc]\nfeatures = [\n    \"driver\",\n    \"dynamic-linking\",\n]\n";
+        fs::write(pristine.join("Cargo.toml"), manifest).unwrap();
+        let build = tmp.path().join("build");
+        let dest = patch_candle(&build, &pristine).unwrap();
+        let text = fs::read_to_string(dest.join("Cargo.toml")).unwrap();
+        assert!(text.contains("\"dynamic-loading\""), "{text}");
+        assert!(!text.contains("dynamic-linking"), "{text}");
+        assert!(dest.join("src/lib.rs").is_file());
+        // Already patched: kept as is.
+        patch_candle(&build, &pristine).unwrap();
+
+        for bad in ["[dependencies]\n", &format!("{manifest}{manifest}")] {
+            fs::write(pristine.join("Cargo.toml"), bad).unwrap();
+            let build = tmp.path().join("build-bad");
+            let _ = fs::remove_dir_all(&build);
+            let err = patch_candle(&build, &pristine).unwrap_err().to_string();
+            assert!(err.contains("dynamic-linking"), "{err}");
+        }
+    }
+
+    /// Each dependency line `--cuda` rewrites is in the host manifest exactly once.
+    #[test]
+    fn host_manifest_takes_the_cuda_features() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let manifest = fs::read_to_string(root.join("mistralrs-host/Cargo.toml")).unwrap();
+        for (from, _) in CUDA_FEATURES {
+            assert_eq!(manifest.matches(from).count(), 1, "{from}");
+        }
+        assert!(HOST_WORKSPACE.contains(PATCH_LINE));
+    }
+
     #[test]
     fn host_manifest_has_the_paths_the_task_rewrites() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
