@@ -6,9 +6,11 @@
 //! authority whenever the device has no current copy: a device window is current only
 //! for the position it was written at, and a host (CPU tensor) step of the same sequence
 //! first takes the device window back. A sequence that restarts, was evicted or ended
-//! never reads a stale window.
+//! never reads a stale window. When a CUDA layer fails, the windows it was updating are
+//! lost (the host copies are stale): the sequence's next step at a later position is an
+//! error until it restarts at position 0.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use engram_core::backend::ShortConvState;
@@ -24,6 +26,8 @@ pub(crate) struct DeviceWindow {
 #[derive(Default)]
 pub(crate) struct DeviceWindows {
     by_sequence: Mutex<HashMap<u64, Vec<Option<DeviceWindow>>>>,
+    /// (sequence, layer index) whose window a failed layer left unusable.
+    lost: Mutex<HashSet<(u64, usize)>>,
 }
 
 impl DeviceWindows {
@@ -75,6 +79,12 @@ impl DeviceWindows {
 
     /// Drops every window of these sequences (ended or evicted).
     pub fn remove(&self, seq_ids: &[u64]) {
+        {
+            let mut lost = self.lock_lost();
+            if !lost.is_empty() {
+                lost.retain(|(id, _)| !seq_ids.contains(id));
+            }
+        }
         let mut map = self.lock();
         if map.is_empty() {
             return;
@@ -82,6 +92,27 @@ impl DeviceWindows {
         for id in seq_ids {
             map.remove(id);
         }
+    }
+
+    /// Records that a failed layer left the window of `seq_id` at `layer_index` unusable.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn mark_lost(&self, seq_id: u64, layer_index: usize) {
+        self.lock_lost().insert((seq_id, layer_index));
+    }
+
+    /// Whether the window is lost for a step starting at `position` (a restart at 0 clears it).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn is_lost(&self, seq_id: u64, layer_index: usize, position: usize) -> bool {
+        let mut lost = self.lock_lost();
+        if position == 0 {
+            lost.remove(&(seq_id, layer_index));
+            return false;
+        }
+        lost.contains(&(seq_id, layer_index))
+    }
+
+    fn lock_lost(&self) -> MutexGuard<'_, HashSet<(u64, usize)>> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether any window is held (a host step checks before syncing).

@@ -191,14 +191,34 @@ impl Step<'_> {
         let backend = device.backend();
         let has_conv = cfg.conv_history() > 0;
         let layers = cfg.hash.layer_ids.len();
+        let starts: Vec<(u64, usize)> = self
+            .states
+            .iter()
+            .zip(&self.rows.lens)
+            .map(|((seq_id, state), &len)| (*seq_id, state.position.saturating_sub(len)))
+            .collect();
+        if has_conv {
+            if let Some(&(seq_id, start)) = starts
+                .iter()
+                .find(|&&(seq_id, start)| windows.is_lost(seq_id, l, start))
+            {
+                return Err(PluginError::MissingState {
+                    seq_id,
+                    position: start,
+                    reason: format!(
+                        "lost its conv window of Engram layer {layer_id} when that layer \
+                         failed on the GPU (restart the sequence at position 0)"
+                    ),
+                });
+            }
+        }
         let mut states: Vec<Option<DeviceConvState>> = Vec::with_capacity(self.states.len());
-        for ((seq_id, state), &len) in self.states.iter().zip(&self.rows.lens) {
+        for ((_, state), &(seq_id, start)) in self.states.iter().zip(&starts) {
             if !has_conv {
                 states.push(None);
                 continue;
             }
-            let start = state.position.saturating_sub(len);
-            let window = match windows.take_current(*seq_id, l, start) {
+            let window = match windows.take_current(seq_id, l, start) {
                 Some(w) => Ok(w),
                 None if start == 0 => DeviceConvState::new(backend, cfg),
                 // The host window is current (earlier steps ran on the host).
@@ -206,12 +226,30 @@ impl Step<'_> {
                     Some(host) => DeviceConvState::from_host(backend, host),
                     None => DeviceConvState::new(backend, cfg),
                 },
+            };
+            match window {
+                Ok(w) => states.push(Some(w)),
+                Err(source) => {
+                    // The windows taken so far go back unchanged.
+                    for (w, &(id, start)) in states.into_iter().zip(&starts) {
+                        if let Some(state) = w {
+                            windows.put(
+                                id,
+                                l,
+                                layers,
+                                DeviceWindow {
+                                    position: start,
+                                    state,
+                                },
+                            );
+                        }
+                    }
+                    return Err(PluginError::Cuda {
+                        what: format!("sequence {seq_id}: conv window of Engram layer {layer_id}"),
+                        source,
+                    });
+                }
             }
-            .map_err(|source| PluginError::Cuda {
-                what: format!("sequence {seq_id}: conv window of Engram layer {layer_id}"),
-                source,
-            })?;
-            states.push(Some(window));
         }
         let dead = self.rows.dead.as_deref();
         let result = {
@@ -234,22 +272,20 @@ impl Step<'_> {
                 )
             })
         };
-        // Windows go back even when the layer failed: the next step then rebuilds them.
+        // A failed layer may have written part of the windows: they are lost, not kept.
         for ((seq_id, state), window) in self.states.iter().zip(states) {
-            if let Some(window) = window {
-                windows.put(
+            match (window, &result) {
+                (Some(window), Ok(())) => windows.put(
                     *seq_id,
                     l,
                     layers,
                     DeviceWindow {
-                        position: if result.is_ok() {
-                            state.position
-                        } else {
-                            usize::MAX
-                        },
+                        position: state.position,
                         state: window,
                     },
-                );
+                ),
+                (Some(_), Err(_)) => windows.mark_lost(*seq_id, l),
+                (None, _) => {}
             }
         }
         result.map_err(|source| PluginError::Cuda {
