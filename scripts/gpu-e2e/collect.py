@@ -34,8 +34,7 @@ def main():
     ap.add_argument("--device", required=True)
     ap.add_argument("--commit", required=True)
     ap.add_argument("--model", required=True, help="params.json of the large model")
-    ap.add_argument("--tables", help="unused; kept for the log")
-    ap.add_argument("--checkpoint", default=os.environ.get("ENGRAM_E2E_SHM", "/dev/shm/engram-e2e") + "/llama-8b-engram")
+    ap.add_argument("--checkpoint", required=True, help="the large model's Engram checkpoint")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     entries = [json.loads(l) for l in open(args.runs) if l.strip()]

@@ -111,9 +111,14 @@ fi
 
 # ---- 2. throughput on the ~8B shape ----
 python3 "$here/make_llama.py" --shape 8b --tokenizer "$here/tokenizer" --out "$work/llama-8b" --seed 8 || exit 1
-# Two Engram layers x orders 2-3 x 1024 columns x 7.4M rows = 30.3B parameters (60.6 GB
+# Two Engram layers x orders 2-3 x 1024 columns x 7.33M rows = 30.0B parameters (60.1 GB
 # of bf16): in tmpfs (the disk holds the models), so "host memory" is RAM.
-left && { [ -f "$shm/llama-8b-engram/engram.safetensors" ] || "$engram" init-checkpoint --model "$work/llama-8b" --out "$shm/llama-8b-engram" --layers 2,16 --n-embed-per-ngram 1024 --vocab 7400000 > "$work/init-8b.txt"; } || { note "8B checkpoint not written"; failed="$failed checkpoint-8b"; }
+avail=$(df -B1 --output=avail "$shm" | tail -1)
+if [ "${avail:-0}" -lt 61000000000 ]; then
+  note "only $avail bytes free in $shm: the 60 GB table does not fit (set ENGRAM_E2E_SHM)"; failed="$failed checkpoint-8b"
+elif left; then
+  [ -f "$shm/llama-8b-engram/engram.safetensors" ] || "$engram" init-checkpoint --model "$work/llama-8b" --out "$shm/llama-8b-engram" --layers 2,16 --n-embed-per-ngram 1024 --vocab 7330000 > "$work/init-8b.txt" || { note "8B checkpoint not written"; failed="$failed checkpoint-8b"; }
+fi
 long="$(python3 -c 'import random; r=random.Random(7); w="the of engine steam valve river light north harbour signal cargo winter market copper".split(); print(" ".join(r.choice(w) for _ in range(1900)))')"
 batch=()
 for i in $(seq 1 32); do batch+=(--prompt "Tell me fact number $i about the sea."); done
@@ -133,7 +138,7 @@ for rep in 1 2; do
   done
 done
 python3 "$here/collect.py" --runs "$runs" --device "$out/device.txt" --commit "$commit" \
-  --model "$work/llama-8b/params.json" --tables "$work/init-8b.txt" --out "$out/gpu-e2e.json"
+  --model "$work/llama-8b/params.json" --checkpoint "$shm/llama-8b-engram" --out "$out/gpu-e2e.json"
 if [ $SECONDS -ge $deadline ]; then note "stopped at the time limit: gpu-e2e.json is partial"; exit 3; fi
 if [ -n "$failed" ]; then note "FAILED:$failed"; exit 1; fi
 note "all checks passed; $out/gpu-e2e.json"
