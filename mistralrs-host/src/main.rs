@@ -113,9 +113,13 @@ async fn main() -> Result<()> {
         .with_max_num_seqs(args.prompt.len());
     builder = match args.device.as_str() {
         "cpu" => builder.with_force_cpu(),
-        "cuda" => builder.with_device(mistralrs::Device::new_cuda(0).context(
-            "--device cuda: cannot open CUDA device 0 (is this host built with --cuda?)",
-        )?),
+        // cudarc panics where it cannot load libcuda: made an error here.
+        "cuda" => match std::panic::catch_unwind(|| mistralrs::Device::new_cuda(0)) {
+            Ok(device) => builder.with_device(device.context(
+                "--device cuda: cannot open CUDA device 0 (is this host built with --cuda?)",
+            )?),
+            Err(_) => bail!("--device cuda: no CUDA driver (libcuda) could be loaded"),
+        },
         other => bail!("unknown device {other:?} (cpu or cuda)"),
     };
     if args.no_prefix_cache {
