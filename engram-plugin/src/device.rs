@@ -4,10 +4,9 @@
 //! the device gather is ordered after that copy by an event, not a host wait, and the
 //! layer's math runs on the device.
 //!
-//! Hidden states and conv windows still cross the bus at each layer: the host hands over
-//! host (or candle) buffers, and candle's CUDA tensors are off in these builds (candle's
-//! `cuda` feature links CUDA and needs nvcc at build time; these crates must build
-//! without either).
+//! With host (CPU tensor) hidden states, they and the conv windows cross the bus at each
+//! layer. With the `cuda` feature, hidden states that are candle CUDA tensors are read and
+//! written in device memory and the windows stay there (`step/cuda.rs`).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -110,6 +109,21 @@ impl DeviceRows {
             segments,
             out,
         )
+    }
+
+    /// The backend (device, streams) the layer runs on.
+    pub fn backend(&self) -> &CudaBackend {
+        self.layer.backend()
+    }
+
+    /// Runs `f` with the layer and its table store (locked): a forward on device buffers
+    /// (`step/cuda.rs`), queued on the backend's compute stream.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn with_layer<R>(
+        &self,
+        f: impl FnOnce(&CudaLayer, &mut dyn DeviceTableStore) -> R,
+    ) -> R {
+        f(&self.layer, self.lock().as_mut())
     }
 
     fn lock(&self) -> MutexGuard<'_, Box<dyn DeviceTableStore>> {

@@ -25,6 +25,7 @@ pub mod runtime;
 pub mod stats;
 pub mod step;
 pub mod trace;
+mod windows;
 
 /// The core a host's own checks may need (configs, the error measures of
 /// [`engram_core::metrics`]) without depending on it separately.

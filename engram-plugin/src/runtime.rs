@@ -18,6 +18,7 @@ use crate::prefetch::{FetchJob, FetchSlot, Prefetcher};
 use crate::stats::LookupStats;
 use crate::step::{PendingFetch, Step};
 use crate::trace::{TraceWriter, TracedInput};
+use crate::windows::DeviceWindows;
 
 /// One Engram layer as the runtime holds it.
 pub struct RuntimeLayer {
@@ -133,6 +134,8 @@ pub struct EngramRuntime {
     prefetcher: Option<Prefetcher>,
     totals: Mutex<LookupStats>,
     trace: Option<TraceWriter>,
+    /// Conv windows of sequences whose hidden states are on the GPU.
+    windows: DeviceWindows,
 }
 
 impl EngramRuntime {
@@ -179,6 +182,7 @@ impl EngramRuntime {
             prefetcher,
             totals: Mutex::default(),
             trace,
+            windows: DeviceWindows::default(),
         })
     }
 
@@ -224,6 +228,7 @@ impl EngramRuntime {
         for id in seq_ids {
             table.live.remove(id);
         }
+        self.windows.remove(seq_ids);
     }
 
     /// Starts a step: frees `ended`, hashes every new token of `inputs` (ids alone are
@@ -381,8 +386,14 @@ impl EngramRuntime {
                 table.live.remove(&id);
                 evicted += 1;
             }
+            let ids: Vec<u64> = by_age[..excess].iter().map(|&(_, id)| id).collect();
+            self.windows.remove(&ids);
         }
         evicted
+    }
+
+    pub(crate) fn windows(&self) -> &DeviceWindows {
+        &self.windows
     }
 
     pub(crate) fn trace(&self) -> Option<&TraceWriter> {

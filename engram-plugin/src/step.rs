@@ -13,6 +13,9 @@ use crate::runtime::{EngramRuntime, Padding};
 use crate::stats::LookupStats;
 use crate::trace::TracedInput;
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// A layer's rows: queued on the prefetch thread, or to be gathered when asked for.
 pub(crate) enum PendingFetch {
     Queued(Arc<FetchSlot>),
@@ -81,6 +84,7 @@ impl<'r> Step<'r> {
         let cfg = self.runtime.config();
         let l = cfg.layer_index(layer_id)?;
         let fetched = self.take_rows(l, layer_id)?;
+        self.windows_to_host(l)?;
         let mut out = vec![0f32; hidden.len()];
         let mut refs: Vec<&mut SequenceState> = self.states.iter_mut().map(|(_, s)| s).collect();
         let mut segments = layer_segments(&mut refs, &self.rows.lens, l);
@@ -142,6 +146,30 @@ impl<'r> Step<'r> {
                 lens
             )));
         }
+        if hidden.device().is_cuda() {
+            #[cfg(feature = "cuda")]
+            if let Some(device) = self.runtime.layers()[cfg.layer_index(layer_id)?]
+                .device
+                .clone()
+            {
+                return self.apply_cuda(layer_id, hidden, &device, t);
+            }
+            // A runtime opened on the host (or a plugin built without `cuda`): the hidden
+            // states make the round trip through host memory. Said once, not per layer.
+            static ROUND_TRIP: std::sync::Once = std::sync::Once::new();
+            ROUND_TRIP.call_once(|| {
+                tracing::warn!(
+                    "Engram: hidden states on {:?} are copied to the host and back at every \
+                     Engram layer ({})",
+                    hidden.device().location(),
+                    if cfg!(feature = "cuda") {
+                        "the runtime's layers are not on a GPU: set ENGRAM_BACKEND=cuda"
+                    } else {
+                        "engram-plugin was built without its `cuda` feature"
+                    }
+                )
+            });
+        }
         let (dtype, device) = (hidden.dtype(), hidden.device().clone());
         let mut full = hidden
             .to_dtype(DType::F32)?
@@ -172,6 +200,31 @@ impl<'r> Step<'r> {
     pub fn finish(mut self) -> LookupStats {
         self.close();
         self.stats
+    }
+
+    /// Before a host apply of layer `l`: sequences whose window an earlier CUDA step left
+    /// in device memory take it back into their host state (only when hosts mix CPU and
+    /// CUDA tensors for one sequence).
+    fn windows_to_host(&mut self, l: usize) -> Result<()> {
+        let windows = self.runtime.windows();
+        let Some(device) = &self.runtime.layers()[l].device else {
+            return Ok(());
+        };
+        if windows.is_empty() {
+            return Ok(());
+        }
+        for ((seq_id, state), &len) in self.states.iter_mut().zip(&self.rows.lens) {
+            let start = state.position.saturating_sub(len);
+            if let Some(host) = state.conv.get_mut(l) {
+                windows
+                    .sync_to_host(device.backend(), *seq_id, l, start, host)
+                    .map_err(|source| PluginError::Cuda {
+                        what: format!("sequence {seq_id}: taking its conv window to the host"),
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     fn take_rows(&mut self, l: usize, layer_id: usize) -> Result<FetchedRows> {

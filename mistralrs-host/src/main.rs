@@ -41,6 +41,11 @@ struct Args {
     /// Activation dtype: f32, bf16, f16 or auto.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Where the model runs: `cpu`, or `cuda` (device 0; needs the host built with
+    /// `cargo xtask mistralrs-build --cuda`). Engram's own backend is chosen by
+    /// ENGRAM_BACKEND (set ENGRAM_BACKEND=cuda to keep its layers on the GPU too).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Print one JSON object instead of text and a summary.
     #[arg(long)]
     json: bool,
@@ -107,9 +112,19 @@ async fn main() -> Result<()> {
 
     let load_start = Instant::now();
     let mut builder = TextModelBuilder::new(dir.display())
-        .with_force_cpu()
         .with_dtype(dtype)
         .with_max_num_seqs(args.prompt.len());
+    builder = match args.device.as_str() {
+        "cpu" => builder.with_force_cpu(),
+        // cudarc panics where it cannot load libcuda: made an error here.
+        "cuda" => match std::panic::catch_unwind(|| mistralrs::Device::new_cuda(0)) {
+            Ok(device) => builder.with_device(device.context(
+                "--device cuda: cannot open CUDA device 0 (is this host built with --cuda?)",
+            )?),
+            Err(_) => bail!("--device cuda: no CUDA driver (libcuda) could be loaded"),
+        },
+        other => bail!("unknown device {other:?} (cpu or cuda)"),
+    };
     if args.no_prefix_cache {
         builder = builder.with_prefix_cache_n(None);
     }

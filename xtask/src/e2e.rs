@@ -40,8 +40,11 @@ pub fn ensure_cli(release: bool) -> Result<PathBuf> {
     if !status.success() {
         bail!("cargo build -p engram-cli ({profile}) failed ({status})");
     }
-    Ok(root()
-        .join("target")
+    // Where cargo put it: `CARGO_TARGET_DIR` when set (relative to the root), else target/.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| root().join("target"), |d| root().join(d));
+    Ok(target
         .join(profile)
         .join(format!("engram{}", std::env::consts::EXE_SUFFIX)))
 }

@@ -4,9 +4,12 @@ mod bench;
 mod bench_sharing;
 mod bench_store;
 mod bench_tables;
+mod check_cuda;
 mod corpus;
+mod cuda_toolkit;
 mod demo;
 mod e2e;
+mod gpu_e2e;
 mod mistralrs;
 mod model;
 mod nvrtc;
@@ -57,6 +60,9 @@ enum Task {
     /// The patched mistral.rs host on SmolLM2 with tables local (mmap) against tables in
     /// a Redis Cluster started on loopback ports; prints JSON (docs/benchmarks-e2e.md).
     BenchStore(bench_store::BenchStoreArgs),
+    /// Compile check (clippy) of engram-plugin's `cuda` feature, with nvcc from pinned PyPI
+    /// wheels and candle-core patched to load CUDA at run time; needs no GPU.
+    CheckCuda,
     /// `engram bench --json` with the numpy baseline of the original hashing, as one JSON object.
     Bench,
     /// Builds engram-cuda and runs its GPU tests (the ignored GPU tests included) and benchmark;
@@ -126,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
             cargo_with_env(&["test", "--workspace"], &nvrtc::test_env()?)?;
             e2e::test(e2e::TestArgs::parse_from(["mistralrs-test"]))
         }
+        Task::CheckCuda => check_cuda::run(),
         Task::Bench => bench::run(),
         Task::BenchStore(args) => bench_store::run(args),
         Task::TestGpu(args) => test_gpu::run(args),

@@ -6,6 +6,12 @@
 //! patch there, and builds the host binary (`mistralrs-host/`) in a workspace of its own,
 //! `target/mistralrs-build/host`, that swaps the patched crate in with `[patch.crates-io]`.
 //! The root workspace never depends on any of it. See docs/mistralrs.md.
+//!
+//! With `--cuda` the same host is built with mistral.rs's `cuda` feature for sm_90 in
+//! `target/mistralrs-build-cuda/`, on a machine with no GPU: nvcc comes from pinned PyPI
+//! wheels ([`crate::cuda_toolkit`]), and candle-core is swapped for a copy whose cudarc
+//! loads CUDA at run time (`dynamic-loading`) instead of linking it (`dynamic-linking`,
+//! which needs a libcuda to link against that no wheel ships).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -53,14 +59,51 @@ opt-level = 3
 opt-level = 3
 "#;
 
+/// The `[patch.crates-io]` line of [`HOST_WORKSPACE`] that [`CUDA_PATCHES`] follows.
+const PATCH_LINE: &str = "mistralrs-core = { path = \"../mistralrs-core\" }\n";
+/// Added to the CUDA host's `[patch.crates-io]`: candle-core with cudarc loaded at run time.
+const CUDA_PATCHES: &str = r#"candle-core = { path = "../candle-core" }
+"#;
+/// The CUDA compute capability the kernels are built for (Hopper: the device machines' H200).
+pub const CUDA_COMPUTE_CAP: &str = "90";
+const CANDLE: &str = "candle-core";
+const CANDLE_VERSION: &str = "0.10.2";
+/// The line of candle-core's manifest (its cudarc features) that `--cuda` changes.
+const CANDLE_LINKING: &str = "    \"dynamic-linking\",\n";
+const CANDLE_LOADING: &str = "    \"dynamic-loading\",\n";
+
 #[derive(clap::Args)]
 pub struct MistralrsBuildArgs {
     /// Build with `--release` (about 15 minutes on 2 cores; debug about 6-10).
     #[arg(long)]
-    release: bool,
+    pub release: bool,
     /// Prepare `target/mistralrs-build/` (fetch, patch, host workspace) but do not build.
     #[arg(long)]
-    no_build: bool,
+    pub no_build: bool,
+    /// With mistral.rs's `cuda` feature (and engram-plugin's) for sm_90, in
+    /// `target/mistralrs-build-cuda/`; needs no GPU (nvcc is fetched from PyPI).
+    #[arg(long)]
+    pub cuda: bool,
+}
+
+/// Where `mistralrs-build` works, and where its binary lands.
+pub fn build_dir(root: &Path, cuda: bool) -> PathBuf {
+    root.join("target").join(if cuda {
+        "mistralrs-build-cuda"
+    } else {
+        "mistralrs-build"
+    })
+}
+
+/// The host binary a build of that kind leaves.
+pub fn host_binary(root: &Path, cuda: bool, release: bool) -> PathBuf {
+    build_dir(root, cuda)
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join(format!(
+            "engram-mistralrs-host{}",
+            std::env::consts::EXE_SUFFIX
+        ))
 }
 
 pub fn run(args: MistralrsBuildArgs) -> Result<()> {
@@ -68,12 +111,18 @@ pub fn run(args: MistralrsBuildArgs) -> Result<()> {
         .parent()
         .context("xtask has no parent directory")?
         .to_path_buf();
-    let build = root.join("target").join("mistralrs-build");
+    let build = build_dir(&root, args.cuda);
     fs::create_dir_all(&build).with_context(|| format!("creating {}", build.display()))?;
 
-    let pristine = fetch(&build)?;
-    let patched = patch(&root, &build, &pristine)?;
-    let host = host_workspace(&root, &build, &patched)?;
+    let sources = fetch(&build)?;
+    let patched = patch(&root, &build, &sources.mistralrs_core)?;
+    let host = host_workspace(&root, &build, &patched, args.cuda)?;
+    let toolkit = if args.cuda {
+        patch_candle(&build, &sources.candle_core)?;
+        Some(crate::cuda_toolkit::ensure()?)
+    } else {
+        None
+    };
     if args.no_build {
         eprintln!("xtask: prepared {} (not built)", host.display());
         return Ok(());
@@ -89,20 +138,76 @@ pub fn run(args: MistralrsBuildArgs) -> Result<()> {
     if args.release {
         cmd.arg("--release");
     }
+    if let Some(toolkit) = &toolkit {
+        cmd.envs(cuda_build_env(toolkit, true)?);
+    }
     let started = std::time::Instant::now();
     run_cmd(&mut cmd)?;
-    let bin = target_dir
-        .join(if args.release { "release" } else { "debug" })
-        .join(format!(
-            "engram-mistralrs-host{}",
-            std::env::consts::EXE_SUFFIX
-        ));
+    let bin = host_binary(&root, args.cuda, args.release);
     eprintln!(
-        "xtask: built {} in {:.0} s",
+        "xtask: built {} in {:.0} s ({}{})",
         bin.display(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if args.release { "release" } else { "debug" },
+        if args.cuda { ", CUDA sm_90" } else { "" }
     );
     Ok(())
+}
+
+/// What cargo needs to build CUDA crates with the wheels' toolkit: nvcc first on `PATH`,
+/// the toolkit's root for the build scripts that look for one, sm_90, and `-L` to the
+/// runtime's `lib` (candle-kernels' MoE kernels link `cudart`).
+pub fn cuda_build_env(
+    toolkit: &crate::cuda_toolkit::Toolkit,
+    link: bool,
+) -> Result<Vec<(&'static str, std::ffi::OsString)>> {
+    let mut paths = vec![toolkit.bin()];
+    if let Some(old) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&old));
+    }
+    let path = std::env::join_paths(paths).context("joining PATH")?;
+    let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    rustflags.push_str(&format!(" -L native={}", toolkit.lib().display()));
+    let root = toolkit.root.clone().into_os_string();
+    let mut env = vec![
+        ("PATH", path),
+        ("CUDA_COMPUTE_CAP", CUDA_COMPUTE_CAP.into()),
+        ("CUDA_ROOT", root.clone()),
+        ("CUDA_PATH", root.clone()),
+        ("CUDA_HOME", root),
+    ];
+    // Only a build that links needs it (and RUSTFLAGS would rebuild every crate).
+    if link {
+        env.push(("RUSTFLAGS", rustflags.trim().into()));
+    }
+    Ok(env)
+}
+
+/// Copies candle-core to `build/candle-core` with its cudarc switched from linking CUDA to
+/// loading it at run time (one line of its manifest), unless the copy is already that.
+pub fn patch_candle(build: &Path, pristine: &Path) -> Result<PathBuf> {
+    let dest = build.join(CANDLE);
+    let manifest = dest.join("Cargo.toml");
+    if fs::read_to_string(&manifest).is_ok_and(|t| t.contains(CANDLE_LOADING)) {
+        return Ok(dest);
+    }
+    if dest.exists() {
+        fs::remove_dir_all(&dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    copy_dir(pristine, &dest)?;
+    let text = fs::read_to_string(&manifest)?;
+    if text.matches(CANDLE_LINKING).count() != 1 {
+        bail!(
+            "{CANDLE} {CANDLE_VERSION}'s manifest ({}) does not have exactly one              `dynamic-linking` line: cannot switch its cudarc to dynamic loading",
+            manifest.display()
+        );
+    }
+    fs::write(&manifest, text.replace(CANDLE_LINKING, CANDLE_LOADING))?;
+    eprintln!(
+        "xtask: {} has cudarc's dynamic-loading instead of dynamic-linking",
+        dest.display()
+    );
+    Ok(dest)
 }
 
 fn cargo_bin() -> String {
@@ -119,8 +224,14 @@ fn run_cmd(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Has cargo download mistralrs-core and returns its unpacked source directory.
-fn fetch(build: &Path) -> Result<PathBuf> {
+/// The unpacked sources of the crates the build copies and patches.
+pub(crate) struct Sources {
+    pub mistralrs_core: PathBuf,
+    pub candle_core: PathBuf,
+}
+
+/// Has cargo download mistralrs-core (with candle-core) and returns their source directories.
+pub(crate) fn fetch(build: &Path) -> Result<Sources> {
     let dir = build.join("fetch");
     fs::create_dir_all(&dir)?;
     write_if_changed(
@@ -146,19 +257,28 @@ fn fetch(build: &Path) -> Result<PathBuf> {
         );
     }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let manifest = meta["packages"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|p| p["name"] == CRATE && p["version"] == VERSION)
-        .and_then(|p| p["manifest_path"].as_str())
-        .with_context(|| format!("cargo metadata does not list {CRATE} {VERSION}"))?;
-    let src = Path::new(manifest)
-        .parent()
-        .context("manifest without a directory")?
-        .to_path_buf();
-    eprintln!("xtask: {CRATE} {VERSION} source: {}", src.display());
-    Ok(src)
+    let source = |name: &str, version: &str| -> Result<PathBuf> {
+        let manifest = meta["packages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name && p["version"] == version)
+            .and_then(|p| p["manifest_path"].as_str())
+            .with_context(|| format!("cargo metadata does not list {name} {version}"))?;
+        Ok(Path::new(manifest)
+            .parent()
+            .context("manifest without a directory")?
+            .to_path_buf())
+    };
+    let sources = Sources {
+        mistralrs_core: source(CRATE, VERSION)?,
+        candle_core: source(CANDLE, CANDLE_VERSION)?,
+    };
+    eprintln!(
+        "xtask: {CRATE} {VERSION} source: {}",
+        sources.mistralrs_core.display()
+    );
+    Ok(sources)
 }
 
 /// Copies the pristine crate to `build/mistralrs-core` and applies the patch, unless the
@@ -229,7 +349,7 @@ fn pin_git_head(crate_dir: &Path) -> Result<()> {
 
 /// Writes `build/host`: the host crate's manifest with absolute paths into this checkout,
 /// made a workspace of its own that patches in the crate at `patched`.
-fn host_workspace(root: &Path, build: &Path, patched: &Path) -> Result<PathBuf> {
+fn host_workspace(root: &Path, build: &Path, patched: &Path, cuda: bool) -> Result<PathBuf> {
     let src = root.join("mistralrs-host");
     let host = build.join("host");
     fs::create_dir_all(&host)?;
@@ -249,11 +369,23 @@ fn host_workspace(root: &Path, build: &Path, patched: &Path) -> Result<PathBuf> 
         }
         out = out.replace(from, &format!("path = \"{}\"", toml_path(&to)));
     }
+    if cuda {
+        for (from, to) in CUDA_FEATURES {
+            if !out.contains(from) {
+                bail!("mistralrs-host/Cargo.toml has no `{from}`");
+            }
+            out = out.replace(from, to);
+        }
+    }
     out.insert_str(
         0,
         "# Generated by `cargo xtask mistralrs-build` from mistralrs-host/Cargo.toml.\n",
     );
-    out.push_str(HOST_WORKSPACE);
+    let mut workspace = HOST_WORKSPACE.to_string();
+    if cuda {
+        workspace = workspace.replace(PATCH_LINE, &format!("{PATCH_LINE}{CUDA_PATCHES}"));
+    }
+    out.push_str(&workspace);
     write_if_changed(&host.join("Cargo.toml"), &out)?;
     // Start from the versions mistral.rs was released with.
     let lock = host.join("Cargo.lock");
@@ -263,6 +395,22 @@ fn host_workspace(root: &Path, build: &Path, patched: &Path) -> Result<PathBuf> 
     }
     Ok(host)
 }
+
+/// The host manifest's dependency lines that `--cuda` gives the `cuda` feature.
+const CUDA_FEATURES: [(&str, &str); 3] = [
+    (
+        "mistralrs = \"=0.8.1\"",
+        "mistralrs = { version = \"=0.8.1\", features = [\"cuda\"] }",
+    ),
+    (
+        "features = [\"engram\"]",
+        "features = [\"engram\", \"cuda\"]",
+    ),
+    (
+        "engram-plugin = { path",
+        "engram-plugin = { features = [\"cuda\"], path",
+    ),
+];
 
 fn toml_path(path: &Path) -> String {
     path.display()
@@ -338,6 +486,46 @@ mod tests {
             .filter(|l| l.starts_with('-') && !l.starts_with("---"))
             .count();
         assert!(removed <= 1, "{removed} upstream lines removed");
+    }
+
+    /// `--cuda` switches exactly candle-core's cudarc line, and refuses a manifest where
+    /// that line is missing or ambiguous rather than building a linking candle.
+    #[test]
+    fn candle_patch_switches_cudarc_to_dynamic_loading() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pristine = tmp.path().join("pristine");
+        fs::create_dir_all(pristine.join("src")).unwrap();
+        fs::write(pristine.join("src/lib.rs"), "").unwrap();
+        let manifest =
+            "[dependencies.cudarc]\nfeatures = [\n    \"driver\",\n    \"dynamic-linking\",\n]\n";
+        fs::write(pristine.join("Cargo.toml"), manifest).unwrap();
+        let build = tmp.path().join("build");
+        let dest = patch_candle(&build, &pristine).unwrap();
+        let text = fs::read_to_string(dest.join("Cargo.toml")).unwrap();
+        assert!(text.contains("\"dynamic-loading\""), "{text}");
+        assert!(!text.contains("dynamic-linking"), "{text}");
+        assert!(dest.join("src/lib.rs").is_file());
+        // Already patched: kept as is.
+        patch_candle(&build, &pristine).unwrap();
+
+        for bad in ["[dependencies]\n", &format!("{manifest}{manifest}")] {
+            fs::write(pristine.join("Cargo.toml"), bad).unwrap();
+            let build = tmp.path().join("build-bad");
+            let _ = fs::remove_dir_all(&build);
+            let err = patch_candle(&build, &pristine).unwrap_err().to_string();
+            assert!(err.contains("dynamic-linking"), "{err}");
+        }
+    }
+
+    /// Each dependency line `--cuda` rewrites is in the host manifest exactly once.
+    #[test]
+    fn host_manifest_takes_the_cuda_features() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let manifest = fs::read_to_string(root.join("mistralrs-host/Cargo.toml")).unwrap();
+        for (from, _) in CUDA_FEATURES {
+            assert_eq!(manifest.matches(from).count(), 1, "{from}");
+        }
+        assert!(HOST_WORKSPACE.contains(PATCH_LINE));
     }
 
     #[test]

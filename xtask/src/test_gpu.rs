@@ -27,6 +27,10 @@ pub struct TestGpuArgs {
     /// Run the tests only, not the benchmark.
     #[arg(long)]
     no_bench: bool,
+    /// With --bundle: the end-to-end bundle instead (the CUDA mistral.rs host, the engram
+    /// CLI and scripts/gpu-e2e/; see docs/gpu.md), a device call of its own.
+    #[arg(long, requires = "bundle")]
+    e2e: bool,
 }
 
 /// engram-cuda's own code optimized; its dependencies keep the dev profile's settings.
@@ -41,6 +45,9 @@ struct Built {
 }
 
 pub fn run(args: TestGpuArgs) -> Result<()> {
+    if let (true, Some(dir)) = (args.e2e, &args.bundle) {
+        return crate::gpu_e2e::bundle(dir);
+    }
     let built = build()?;
     if let Some(dir) = &args.bundle {
         return bundle(&built, dir);
@@ -178,7 +185,7 @@ fn build() -> Result<Built> {
 
 /// The string value of the first `"key":"..."` in a line of cargo's JSON (no escapes
 /// expected in paths and target names).
-fn json_str(line: &str, key: &str) -> Option<String> {
+pub(crate) fn json_str(line: &str, key: &str) -> Option<String> {
     let pat = format!("\"{key}\":\"");
     let start = line.find(&pat)? + pat.len();
     let end = line[start..].find('"')? + start;
