@@ -79,12 +79,13 @@ pub fn run(args: BenchSharingArgs) -> Result<()> {
             .collect();
         modes.push(json!({"tables": tables, "processes": procs}));
     }
-    let out = json!({
+    let mut out = json!({
         "checkpoint": DEMO.0,
         "table_bytes": table_bytes,
         "sampled": "every 200 ms while both processes ran; each figure is its own peak",
         "modes": modes,
     });
+    crate::provenance::stamp(&mut out);
     println!("{out}");
     if let Some(path) = &args.out {
         crate::e2e::write_json(path, &out)?;

@@ -207,7 +207,7 @@ pub fn run(args: BenchTablesArgs) -> Result<()> {
             Value::Null
         }
     };
-    let out = json!({
+    let mut out = json!({
         "ram_bytes": mem_total_bytes()?,
         "cgroup_limit_bytes": limit,
         "table_bytes": big_bytes,
@@ -219,12 +219,13 @@ pub fn run(args: BenchTablesArgs) -> Result<()> {
         "cache_hit_rate": best("big-disk-cache-warm", "cache_hit_rate"),
         "model": "SmolLM2-135M-Instruct, f32, CPU",
         "checkpoints": {"ram": DEMO.0, "big": format!("{} ({})", BIG.0, BIG.1.join(" "))},
-        "prompts": format!("{} files of the Python 3.11 library docs (sha256 {}), 1200 characters each, one after another", args.prompts, corpus::LIBRARY_SHA256),
+        "prompts": format!("{} files of the Python 3.11 library docs (python3.11-doc {}, sha256 {}), 1200 characters each, one after another", args.prompts, corpus::PINNED_VERSION, corpus::LIBRARY_SHA256),
         "max_tokens": args.max_tokens,
         "profile": if args.release { "release" } else { "debug (numeric crates opt-level 3)" },
         "ratios_take": "the best run of each mode",
         "runs": runs,
     });
+    crate::provenance::stamp(&mut out);
     println!("{out}");
     if let Some(path) = &args.out {
         crate::e2e::write_json(path, &out)?;

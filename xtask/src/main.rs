@@ -14,6 +14,7 @@ mod mistralrs;
 mod model;
 mod nvrtc;
 mod progress;
+mod provenance;
 mod pypi;
 mod test_gpu;
 mod tiny_models;
