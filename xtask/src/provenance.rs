@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::e2e;
 
-/// `{"machine", "commit", "date"}` of this run.
+/// `{"machine", "commit", "date"}` now: call it when a run starts.
 pub fn provenance() -> Value {
     let commit = git(&["rev-parse", "--short", "HEAD"]);
     let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
@@ -55,9 +55,10 @@ pub fn output(cmd: &mut Command) -> String {
         .unwrap_or_default()
 }
 
-/// Adds the provenance keys to a result object.
-pub fn stamp(out: &mut Value) {
-    if let (Some(obj), Value::Object(p)) = (out.as_object_mut(), provenance()) {
+/// Adds the provenance keys, taken when the run started (a commit made while it ran
+/// is not the code that ran), to a result object.
+pub fn stamp(out: &mut Value, started: Value) {
+    if let (Some(obj), Value::Object(p)) = (out.as_object_mut(), started) {
         obj.extend(p);
     }
 }
