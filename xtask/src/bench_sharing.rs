@@ -40,7 +40,7 @@ struct Sample {
 }
 
 pub fn run(args: BenchSharingArgs) -> Result<()> {
-    let started = crate::provenance::provenance();
+    let provenance = crate::provenance::provenance();
     let engram = ensure_cli(true)?;
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
@@ -86,7 +86,7 @@ pub fn run(args: BenchSharingArgs) -> Result<()> {
         "sampled": "every 200 ms while both processes ran; each figure is its own peak",
         "modes": modes,
     });
-    crate::provenance::stamp(&mut out, started);
+    crate::provenance::stamp(&mut out, provenance);
     println!("{out}");
     if let Some(path) = &args.out {
         crate::e2e::write_json(path, &out)?;

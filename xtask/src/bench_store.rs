@@ -38,7 +38,7 @@ pub struct BenchStoreArgs {
 }
 
 pub fn run(args: BenchStoreArgs) -> Result<()> {
-    let started = crate::provenance::provenance();
+    let provenance = crate::provenance::provenance();
     let engram = e2e::ensure_cli(true)?;
     let model = e2e::ensure_model()?;
     let host = match &args.host {
@@ -127,7 +127,7 @@ pub fn run(args: BenchStoreArgs) -> Result<()> {
         },
         "runs": runs,
     });
-    provenance::stamp(&mut out, started);
+    provenance::stamp(&mut out, provenance);
     println!("{out}");
     drop(cluster);
     Ok(())

@@ -165,7 +165,7 @@ const MODES: [Mode; 10] = [
 ];
 
 pub fn run(args: BenchTablesArgs) -> Result<()> {
-    let started = crate::provenance::provenance();
+    let provenance = crate::provenance::provenance();
     let engram = ensure_cli(true)?;
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
@@ -271,7 +271,7 @@ pub fn run(args: BenchTablesArgs) -> Result<()> {
         "ratios_take": "the best run of each mode",
         "runs": runs,
     });
-    crate::provenance::stamp(&mut out, started);
+    crate::provenance::stamp(&mut out, provenance);
     println!("{out}");
     if let Some(path) = &args.out {
         crate::e2e::write_json(path, &out)?;
