@@ -83,6 +83,9 @@ enum Command {
     /// Perplexity and next-token accuracy of a model directory on text files, with its
     /// Engram layers or without (`--no-engram`), through `fit`'s forward.
     Eval(engram_cli::fit::eval::EvalArgs),
+    /// The last position's logits of a token sequence through `fit`'s forward (raw f32),
+    /// to compare with a host's `--dump-logits`.
+    Logits(engram_cli::fit::eval::LogitsArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -216,6 +219,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 print!("{}", report.to_text());
             }
+        }
+        Command::Logits(args) => {
+            let n = engram_cli::fit::eval::last_logits(&args)?;
+            println!("wrote {} ({n} logits)", args.out.display());
         }
         Command::CacheReplay(args) => {
             let report = engram_cli::cache_replay::cache_replay(&args)?;

@@ -189,7 +189,7 @@ fn max(xs: &[f64]) -> Value {
         .map_or(Value::Null, |x| json!(x))
 }
 
-fn git(args: &[&str]) -> String {
+pub(crate) fn git(args: &[&str]) -> String {
     output(Command::new("git").args(args).current_dir(e2e::root()))
 }
 
@@ -198,7 +198,7 @@ fn redis_version() -> String {
 }
 
 /// CPU model and core count, memory.
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

@@ -86,6 +86,22 @@ pub fn load_engram(model: &Path) -> Result<Option<EngramParts>> {
     Ok(Some(parts))
 }
 
+/// Logits `[B, T, vocab]` of inputs `[B][T]` from the token embeddings up.
+fn forward(
+    llama: &Llama,
+    engram: Option<&EngramParts>,
+    inputs: &[&[u32]],
+) -> Result<candle_core::Tensor> {
+    let x = llama.embed(&ids_tensor(inputs)?)?;
+    match engram {
+        Some(parts) => {
+            let gathered = parts.gather(inputs)?;
+            logits_from(llama, 0, x, Some((parts, &gathered)))
+        }
+        None => logits_from(llama, 0, x, None),
+    }
+}
+
 pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
     let (_, tokenizer) = model_tokenizer(&args.model)?;
     let llama = Llama::load(&args.model)?;
@@ -99,14 +115,7 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
     for chunk in data.windows.chunks(args.batch.max(1)) {
         let inputs: Vec<&[u32]> = chunk.iter().map(|w| &w[..args.window]).collect();
         let targets: Vec<&[u32]> = chunk.iter().map(|w| &w[1..]).collect();
-        let x = llama.embed(&ids_tensor(&inputs)?)?;
-        let logits = match &engram {
-            Some(parts) => {
-                let gathered = parts.gather(&inputs)?;
-                logits_from(&llama, 0, x, Some((parts, &gathered)))?
-            }
-            None => logits_from(&llama, 0, x, None)?,
-        };
+        let logits = forward(&llama, engram.as_ref(), &inputs)?;
         nll += token_nll(&logits, &targets)?
             .to_vec1::<f32>()?
             .iter()
@@ -122,4 +131,42 @@ pub fn eval(args: &EvalArgs) -> Result<EvalReport> {
         accuracy: right as f64 / tokens as f64,
         engram: engram.is_some(),
     })
+}
+
+/// What `engram logits` takes.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LogitsArgs {
+    /// The model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Token ids of one sequence, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+    /// The host model alone, even where the directory has Engram layers.
+    #[arg(long)]
+    pub no_engram: bool,
+    /// Where to write the last position's logits (raw little-endian f32, as the
+    /// mistral.rs host's `--dump-logits` writes a step).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The logits of the last position of `args.ids` through the fit's forward, written to
+/// `args.out`; returns how many values.
+pub fn last_logits(args: &LogitsArgs) -> Result<usize> {
+    let llama = Llama::load(&args.model)?;
+    let engram = if args.no_engram {
+        None
+    } else {
+        load_engram(&args.model)?
+    };
+    anyhow::ensure!(!args.ids.is_empty(), "--ids: no token ids");
+    let logits = forward(&llama, engram.as_ref(), &[&args.ids])?;
+    let last = logits.get(0)?.get(args.ids.len() - 1)?.to_vec1::<f32>()?;
+    let bytes: Vec<u8> = last.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tmp = args.out.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.out)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), args.out.display()))?;
+    Ok(last.len())
 }
