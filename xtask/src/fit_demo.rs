@@ -98,7 +98,7 @@ fn host_checks(
         checkpoint,
         &prompt_refs,
         2,
-        &["--json", "--sequential", "--dump-logits"],
+        &["--sequential", "--dump-logits"],
     );
     args.push(dump.display().to_string());
     eprintln!("xtask: the host's logits on the fitted checkpoint");
@@ -166,8 +166,7 @@ fn host_checks(
             "xtask: decode speed, Engram {}",
             if extra.is_empty() { "on" } else { "off" }
         );
-        let mut a = e2e::host_args(checkpoint, &[e2e::BENCH_PROMPT], 64, extra);
-        a.push("--json".into());
+        let a = e2e::host_args(checkpoint, &[e2e::BENCH_PROMPT], 64, extra);
         let out = e2e::run_host(host, &a)?;
         let o = &out["outputs"][0];
         Ok(
