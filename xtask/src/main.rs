@@ -11,6 +11,7 @@ mod demo;
 mod e2e;
 mod gpu_e2e;
 mod mistralrs;
+mod mistralrs_cli;
 mod model;
 mod nvrtc;
 mod progress;
