@@ -80,6 +80,8 @@ impl Server {
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--cpu", "--dtype", "f32", "-m"])
             .arg(model)
+            // Engram's lookup stats as a log line every second (when they changed).
+            .env("ENGRAM_STATS_INTERVAL", "1")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -152,6 +154,34 @@ fn openai_client(s: &Setup, server: &Server, requests: &Value) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// The rows and live sequences of the server's last `Engram stats` line, waiting up to
+/// 10 s for one written after the requests (the line comes every second when they changed).
+fn last_stats_line(server: &Server) -> (u64, u64) {
+    let number_before = |line: &str, what: &str| -> u64 {
+        let head = &line[..line
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in {line}"))];
+        head.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let started = Instant::now();
+    loop {
+        let log = server.log_text();
+        let line = log.lines().rev().find(|l| l.contains("Engram stats"));
+        if let Some(line) = line {
+            let (steps, rows) = (number_before(line, " steps"), number_before(line, " rows"));
+            // The warm-up request at load is one step; the requests made many more.
+            if steps > 1 {
+                return (rows, number_before(line, " live sequences"));
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no Engram stats line after the requests:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 fn chat_requests(s: &Setup, logprobs: bool) -> Value {
     PROMPTS
         .iter()
@@ -170,7 +200,8 @@ const ENGRAM_OPENED: &str = "Engram: layers";
 /// greedy tokens with the same logprobs and top-5 logprobs, bit for bit. (mistral.rs
 /// 0.8.1's greedy sampler reports log10 of the raw logits as `logprob`, so these compare
 /// the five largest logits of every step.) And with `engram-strong` the answers
-/// change, so the server's forward pass does run the Engram layers.
+/// change, so the server's forward pass does run the Engram layers. The Engram server's
+/// stats log line (`ENGRAM_STATS_INTERVAL`) must count the rows it fetched.
 #[test]
 fn serve_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
     let s = setup();
@@ -191,6 +222,9 @@ fn serve_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
         zero.log_text()
     );
     let got = openai_client(&s, &zero, &requests);
+    let (rows, live) = last_stats_line(&zero);
+    assert!(rows > 0, "the stats line counts no rows fetched");
+    eprintln!("stats line: {rows} rows, {live} live sequences");
     drop(zero);
 
     for (i, (w, g)) in want["results"]

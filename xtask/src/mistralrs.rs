@@ -461,7 +461,8 @@ mod tests {
         fs::read_to_string(root.join(PATCH)).unwrap()
     }
 
-    /// The patch stays a small diff of our lines in the files the design names.
+    /// The patch stays a small diff of our lines in the files the design names: no model
+    /// file (the layer loops reach Engram through the model's device mapper).
     #[test]
     fn patch_touches_only_the_integration_points() {
         let text = patch_text();
@@ -475,18 +476,8 @@ mod tests {
                 "Cargo.toml",
                 "src/engram.rs",
                 "src/lib.rs",
-                "src/models/llama.rs",
-                "src/models/mistral.rs",
-                "src/models/qwen2.rs",
-                "src/models/qwen3.rs",
-                "src/pipeline/ggml.rs",
-                "src/pipeline/gguf.rs",
                 "src/pipeline/inputs_processor.rs",
                 "src/pipeline/normal.rs",
-                "src/vision_models/llava/llava_inputs_processor.rs",
-                "src/vision_models/llava/llava_next_inputs_processor.rs",
-                "src/vision_models/phi3/phi3_inputs_processor.rs",
-                "src/vision_models/phi4/inputs_processor.rs",
             ]
         );
         assert!(text.contains(PLUGIN_PLACEHOLDER));
