@@ -69,6 +69,11 @@ impl Server {
     /// Starts `mistralrs serve` on `model` (a directory) on a free loopback port and waits
     /// until it listens (it binds its port only once the model is loaded).
     fn start(s: &Setup, model: &Path, name: &str) -> Server {
+        Self::start_with(s, model, name, &[])
+    }
+
+    /// [`Server::start`] with `extra` options for `mistralrs serve` (`--isq q4k`).
+    fn start_with(s: &Setup, model: &Path, name: &str, extra: &[&str]) -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -78,7 +83,9 @@ impl Server {
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(&s.cli)
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--cpu", "--dtype", "f32", "-m"])
+            .args(["--cpu", "--dtype", "f32"])
+            .args(extra)
+            .arg("-m")
             .arg(model)
             // Engram's lookup stats as a log line every second (when they changed).
             .env("ENGRAM_STATS_INTERVAL", "1")
@@ -227,6 +234,45 @@ fn serve_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
     eprintln!("stats line: {rows} rows, {live} live sequences");
     drop(zero);
 
+    assert_same_answers(&want, &got);
+
+    let strong = Server::start(&s, &s.strong, "strong");
+    let changed = openai_client(&s, &strong, &requests);
+    drop(strong);
+    let (w, c) = (&want["results"][1], &changed["results"][1]);
+    assert_ne!(
+        w["tokens"], c["tokens"],
+        "engram-strong served the plain model's tokens: Engram did not run"
+    );
+    eprintln!("engram-strong: {:?} (plain: {:?})", c["text"], w["text"]);
+}
+
+/// The same identity with in-situ quantization (`--isq q4k`, the model's linear layers
+/// quantized at load): the zero-value checkpoint gives the quantized plain model's tokens,
+/// logprobs and top-5 logprobs, and the Engram server counts the rows it fetched.
+#[test]
+fn isq_q4k_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
+    let s = setup();
+    let requests = chat_requests(&s, true);
+    let isq = ["--isq", "q4k"];
+    let plain = Server::start_with(&s, &s.model, "isq-plain", &isq);
+    let want = openai_client(&s, &plain, &requests);
+    drop(plain);
+    let zero = Server::start_with(&s, &s.zero, "isq-zero", &isq);
+    assert!(
+        zero.log_text().contains("Applying ISQ"),
+        "{}",
+        zero.log_text()
+    );
+    let got = openai_client(&s, &zero, &requests);
+    let (rows, _) = last_stats_line(&zero);
+    assert!(rows > 0, "the stats line counts no rows fetched");
+    drop(zero);
+    assert_same_answers(&want, &got);
+}
+
+/// Every result of `got` has `want`'s tokens, logprobs, top-5 logprobs and text.
+fn assert_same_answers(want: &Value, got: &Value) {
     for (i, (w, g)) in want["results"]
         .as_array()
         .unwrap()
@@ -251,16 +297,6 @@ fn serve_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
             g["text"]
         );
     }
-
-    let strong = Server::start(&s, &s.strong, "strong");
-    let changed = openai_client(&s, &strong, &requests);
-    drop(strong);
-    let (w, c) = (&want["results"][1], &changed["results"][1]);
-    assert_ne!(
-        w["tokens"], c["tokens"],
-        "engram-strong served the plain model's tokens: Engram did not run"
-    );
-    eprintln!("engram-strong: {:?} (plain: {:?})", c["text"], w["text"]);
 }
 
 /// The `openai` package against the server with Engram on (`engram-seeded`): chat and
