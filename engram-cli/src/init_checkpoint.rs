@@ -162,50 +162,16 @@ pub fn init_checkpoint(args: &InitArgs) -> Result<InitReport> {
         "--value-scale must be finite and >= 0, got {}",
         args.value_scale
     );
-    let model_config_path = args.model.join("config.json");
-    let text = fs::read_to_string(&model_config_path)
-        .with_context(|| format!("cannot read {}", model_config_path.display()))?;
-    let mut config: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", model_config_path.display()))?;
-    ensure!(
-        config.is_object(),
-        "{}: expected a JSON object",
-        model_config_path.display()
-    );
-    let root = config.get("text_config").unwrap_or(&config);
-    let hidden = root
-        .get("hidden_size")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| anyhow!("{}: no `hidden_size`", model_config_path.display()))?;
-    if let Some(n) = root.get("num_hidden_layers").and_then(Value::as_u64) {
-        if let Some(&bad) = args.layers.iter().find(|&&l| l as u64 >= n) {
-            bail!("--layers: layer {bad} does not exist, the model has {n} layers (0..{n})");
-        }
-    }
-    let pad_id = match args.pad_id {
-        Some(p) => p,
-        None => model_pad_id(&args.model, &config)?,
+    let shape = EngramShape {
+        layers: args.layers.clone(),
+        max_ngram: args.max_ngram,
+        heads: args.heads,
+        n_embed_per_ngram: args.n_embed_per_ngram,
+        vocab: args.vocab,
+        seed: args.seed,
+        pad_id: args.pad_id,
     };
-    let section = json!({
-        "engram_vocab_size": vec![args.vocab; args.max_ngram.saturating_sub(1)],
-        "max_ngram_size": args.max_ngram,
-        "n_embed_per_ngram": args.n_embed_per_ngram,
-        "n_head_per_ngram": args.heads,
-        "layer_ids": args.layers,
-        "pad_id": pad_id,
-        "seed": args.seed,
-        "kernel_size": 4,
-        "hc_mult": 1,
-    });
-    config["engram"] = section;
-    let cfg = EngramConfig::from_hf_config(&config)
-        .context("the Engram config")?
-        .ok_or_else(|| anyhow!("the Engram config was not recognised"))?;
-    ensure!(
-        cfg.hidden_size as u64 == hidden,
-        "the Engram config reads hidden size {}, the model has {hidden}",
-        cfg.hidden_size
-    );
+    let (config, cfg) = model_config_with_engram(&args.model, &shape)?;
 
     let model_dir = fs::canonicalize(&args.model)
         .with_context(|| format!("cannot resolve {}", args.model.display()))?;
@@ -240,6 +206,72 @@ pub fn init_checkpoint(args: &InitArgs) -> Result<InitReport> {
         copied,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The Engram layout `init-checkpoint` and `fit` give a model.
+#[derive(Clone, Debug)]
+pub struct EngramShape {
+    pub layers: Vec<usize>,
+    pub max_ngram: usize,
+    pub heads: usize,
+    pub n_embed_per_ngram: usize,
+    pub vocab: u64,
+    pub seed: u64,
+    pub pad_id: Option<i64>,
+}
+
+/// The model's `config.json` with an `engram` object for `shape`, and that config as read
+/// back by [`EngramConfig::from_hf_config`] (what the runtime will read).
+pub fn model_config_with_engram(
+    model: &Path,
+    shape: &EngramShape,
+) -> Result<(Value, EngramConfig)> {
+    let model_config_path = model.join("config.json");
+    let text = fs::read_to_string(&model_config_path)
+        .with_context(|| format!("cannot read {}", model_config_path.display()))?;
+    let mut config: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", model_config_path.display()))?;
+    ensure!(
+        config.is_object(),
+        "{}: expected a JSON object",
+        model_config_path.display()
+    );
+    let root = config.get("text_config").unwrap_or(&config);
+    let hidden = root
+        .get("hidden_size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("{}: no `hidden_size`", model_config_path.display()))?;
+    if let Some(n) = root.get("num_hidden_layers").and_then(Value::as_u64) {
+        if let Some(&bad) = shape.layers.iter().find(|&&l| l as u64 >= n) {
+            bail!("--layers: layer {bad} does not exist, the model has {n} layers (0..{n})");
+        }
+    }
+    let pad_id = match shape.pad_id {
+        Some(p) => p,
+        None => model_pad_id(model, &config)?,
+    };
+    let section = json!({
+        "engram_vocab_size": vec![shape.vocab; shape.max_ngram.saturating_sub(1)],
+        "max_ngram_size": shape.max_ngram,
+        "n_embed_per_ngram": shape.n_embed_per_ngram,
+        "n_head_per_ngram": shape.heads,
+        "layer_ids": shape.layers,
+        "pad_id": pad_id,
+        "seed": shape.seed,
+        "kernel_size": 4,
+        "hc_mult": 1,
+    });
+    config["engram"] = section;
+    let cfg = EngramConfig::from_hf_config(&config)
+        .context("the Engram config")?
+        .ok_or_else(|| anyhow!("the Engram config was not recognised"))?;
+    ensure!(
+        cfg.hidden_size as u64 == hidden,
+        "the Engram config reads hidden size {}, the model has {hidden}",
+        cfg.hidden_size
+    );
+
+    Ok((config, cfg))
 }
 
 /// The model's pad token id: `pad_token_id`, else `eos_token_id` (the first of a list),
@@ -290,7 +322,7 @@ fn model_pad_id(model: &Path, config: &Value) -> Result<i64> {
 
 /// Links every file of `model` into `out` (copies where a link cannot be made), except
 /// `config.json` (rewritten), hidden files and an Engram file of the model's own.
-fn link_model_files(model: &Path, out: &Path) -> Result<(Vec<String>, Vec<String>)> {
+pub(crate) fn link_model_files(model: &Path, out: &Path) -> Result<(Vec<String>, Vec<String>)> {
     let (mut linked, mut copied) = (Vec::new(), Vec::new());
     let mut entries: Vec<PathBuf> = fs::read_dir(model)
         .with_context(|| format!("cannot list {}", model.display()))?

@@ -77,6 +77,15 @@ enum Command {
     /// Load a checkpoint's Engram tables into a Redis Cluster (resumable: blocks already
     /// there are skipped), for hosts run with ENGRAM_TABLES=redis://host:port[,...].
     Upload(engram_cli::upload::UploadArgs),
+    /// Fit paper-variant Engram layers to text files on a frozen host model (Llama
+    /// architecture) and write an Engram checkpoint directory (docs/fit.md).
+    Fit(engram_cli::fit::train::FitArgs),
+    /// Perplexity and next-token accuracy of a model directory on text files, with its
+    /// Engram layers or without (`--no-engram`), through `fit`'s forward.
+    Eval(engram_cli::fit::eval::EvalArgs),
+    /// The last position's logits of a token sequence through `fit`'s forward (raw f32),
+    /// to compare with a host's `--dump-logits`.
+    Logits(engram_cli::fit::eval::LogitsArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -188,6 +197,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::InitCheckpoint(args) => {
             let report = engram_cli::init_checkpoint::init_checkpoint(&args)?;
             print!("{}", report.to_text());
+        }
+        Command::Fit(args) => {
+            let report = engram_cli::fit::train::fit(&args)?;
+            let first = report.losses.first().copied().unwrap_or(f32::NAN);
+            let last = report.losses.last().copied().unwrap_or(f32::NAN);
+            println!(
+                "wrote {} ({} fit tokens in {} files; {} steps, {} this run; loss {first:.4} -> {last:.4}; {:.0} tok/s)",
+                report.out.display(),
+                report.fit_tokens,
+                report.files,
+                report.steps,
+                report.steps_run,
+                report.tokens_per_second
+            );
+        }
+        Command::Eval(args) => {
+            let report = engram_cli::fit::eval::eval(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
+        }
+        Command::Logits(args) => {
+            let n = engram_cli::fit::eval::last_logits(&args)?;
+            println!("wrote {} ({n} logits)", args.out.display());
         }
         Command::CacheReplay(args) => {
             let report = engram_cli::cache_replay::cache_replay(&args)?;

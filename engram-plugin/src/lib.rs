@@ -35,7 +35,7 @@ pub use engram_core;
 pub use device::{CudaTables, DeviceRows};
 pub use error::{FetchError, PluginError, Result};
 pub use hot_cache::{HotCache, HOT_CACHE_ENV};
-pub use open::{BackendKind, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, TABLES_ENV};
+pub use open::{BackendKind, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, PREFETCH_ENV, TABLES_ENV};
 pub use runtime::{
     default_prefetch_threads, EngramRuntime, Padding, RuntimeLayer, RuntimeOptions, SequenceInput,
 };

@@ -71,6 +71,10 @@ pub const CUDA_TABLES_ENV: &str = "ENGRAM_CUDA_TABLES";
 /// distributed store they are read from (`redis://host:port[,host:port...]`), for
 /// [`OpenOptions::from_env`].
 pub const TABLES_ENV: &str = "ENGRAM_TABLES";
+/// `off` turns the prefetch thread off (each layer's rows are gathered when the layer
+/// applies, as a synchronous read would), for [`OpenOptions::from_env`]; `on` is the
+/// default. For measuring what the read-ahead saves.
+pub const PREFETCH_ENV: &str = "ENGRAM_PREFETCH";
 
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
@@ -145,6 +149,13 @@ impl OpenOptions {
                     ))
                 }
             }
+        }
+        if let Some(v) = var(PREFETCH_ENV) {
+            options.runtime.prefetch = match v.as_str() {
+                "on" => true,
+                "off" => false,
+                _ => return Err(setting(PREFETCH_ENV, &v, "expected on or off".into())),
+            };
         }
         if let Some(v) = var(HOT_CACHE_ENV) {
             options.hot_cache = HotCache::parse(&v).map_err(|r| setting(HOT_CACHE_ENV, &v, r))?;

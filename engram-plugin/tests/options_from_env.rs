@@ -4,7 +4,7 @@
 use engram_cpu::table::TableMode;
 use engram_plugin::{
     BackendKind, CudaTables, HotCache, OpenOptions, BACKEND_ENV, CUDA_TABLES_ENV, HOT_CACHE_ENV,
-    TABLES_ENV,
+    PREFETCH_ENV, TABLES_ENV,
 };
 
 fn set(name: &str, value: Option<&str>) {
@@ -116,4 +116,15 @@ fn the_environment_selects_the_backend() {
     set(TABLES_ENV, Some("mmap"));
     assert!(OpenOptions::from_env().unwrap().remote_tables.is_none());
     set(TABLES_ENV, None);
+
+    // The prefetch thread: on by default, off on request, anything else refused.
+    assert!(OpenOptions::from_env().unwrap().runtime.prefetch);
+    set(PREFETCH_ENV, Some("off"));
+    assert!(!OpenOptions::from_env().unwrap().runtime.prefetch);
+    set(PREFETCH_ENV, Some("on"));
+    assert!(OpenOptions::from_env().unwrap().runtime.prefetch);
+    set(PREFETCH_ENV, Some("no"));
+    let e = OpenOptions::from_env().unwrap_err().to_string();
+    assert!(e.contains(PREFETCH_ENV) && e.contains("no"), "{e}");
+    set(PREFETCH_ENV, None);
 }

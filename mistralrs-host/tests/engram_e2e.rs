@@ -439,3 +439,112 @@ fn greedy_token_ids_snapshot() {
     ));
     settings.bind(|| insta::assert_snapshot!("greedy_ids", snap));
 }
+
+/// `engram logits` (the forward `engram fit` trains and `engram eval` measures) on `ids`:
+/// the last position's logits.
+fn fit_forward_logits(s: &Setup, model: &Path, ids: &[u64], no_engram: bool) -> Vec<f32> {
+    let out = tempfile_in(&s.scratch, "fit-logits");
+    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+    let mut cmd = Command::new(&s.engram);
+    cmd.arg("logits")
+        .arg("--model")
+        .arg(model)
+        .arg("--ids")
+        .arg(ids.join(","))
+        .arg("--out")
+        .arg(&out);
+    if no_engram {
+        cmd.arg("--no-engram");
+    }
+    let done = cmd.output().expect("engram logits runs");
+    assert!(
+        done.status.success(),
+        "engram logits failed: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let raw = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    raw.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// A checkpoint `engram fit` wrote (a few steps on a short text) is served by the host as
+/// the fit computes it: the sampler's logits (the prompt's last position, then one decode
+/// step) equal `engram logits` on the same ids within 1e-4 relative, while the host
+/// alone differs from them by more.
+#[test]
+fn a_fitted_checkpoint_serves_the_fit_forwards_logits() {
+    let s = setup();
+    let text = s.scratch.join("fit-text.txt");
+    let paragraph = "The capital of France is Paris. The sea is wide and deep, and the \
+                     waves roll in at night. Write a short poem about the sea. ";
+    std::fs::write(&text, paragraph.repeat(8)).unwrap();
+    let fitted = tempfile_in(&s.scratch, "fitted");
+    let out = Command::new(&s.engram)
+        .args([
+            "fit", "--quiet", "--layers", "25", "--steps", "4", "--window", "32",
+        ])
+        .args([
+            "--batch",
+            "2",
+            "--vocab",
+            "2000",
+            "--table-lr",
+            "0.5",
+            "--model",
+        ])
+        .arg(&s.model)
+        .arg("--corpus")
+        .arg(&text)
+        .arg("--out")
+        .arg(&fitted)
+        .output()
+        .expect("engram fit runs");
+    assert!(
+        out.status.success(),
+        "engram fit failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut one = setup();
+    one.max_tokens = 2;
+    let r = run(&s.host, &fitted, &[CAPITAL, POEM], &["--sequential"], &one);
+    let requests = r.summary["logits"]["requests"].as_array().unwrap();
+    let mut checked = 0;
+    for (req, (steps, _)) in requests.iter().zip(&r.logits.requests) {
+        let ids: Vec<u64> = req["context_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let lens = req["context_len"].as_array().unwrap();
+        for (host_logits, len) in steps.iter().zip(lens) {
+            let ids = &ids[..len.as_u64().unwrap() as usize];
+            let fit = fit_forward_logits(&s, &fitted, ids, false);
+            let alone = fit_forward_logits(&s, &fitted, ids, true);
+            let (err, engram_effect) = (rel_l2(host_logits, &fit), rel_l2(&alone, &fit));
+            eprintln!(
+                "context {}: host vs fit forward {err:.2e}, Engram's effect {engram_effect:.2e}",
+                ids.len()
+            );
+            assert!(err <= 1e-4, "host vs engram logits: {err:.3e} relative");
+            assert!(
+                engram_effect > 10.0 * err.max(1e-6),
+                "the fitted layer changes the logits too little ({engram_effect:.2e}) for this check to mean anything"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "only {checked} steps checked");
+}

@@ -40,6 +40,7 @@ struct Sample {
 }
 
 pub fn run(args: BenchSharingArgs) -> Result<()> {
+    let provenance = crate::provenance::provenance();
     let engram = ensure_cli(true)?;
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
@@ -79,12 +80,13 @@ pub fn run(args: BenchSharingArgs) -> Result<()> {
             .collect();
         modes.push(json!({"tables": tables, "processes": procs}));
     }
-    let out = json!({
+    let mut out = json!({
         "checkpoint": DEMO.0,
         "table_bytes": table_bytes,
         "sampled": "every 200 ms while both processes ran; each figure is its own peak",
         "modes": modes,
     });
+    crate::provenance::stamp(&mut out, provenance);
     println!("{out}");
     if let Some(path) = &args.out {
         crate::e2e::write_json(path, &out)?;

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use engram_redis::testing::TestCluster;
 use serde_json::{json, Value};
 
-use crate::e2e;
+use crate::{e2e, provenance};
 
 #[derive(clap::Args)]
 pub struct BenchStoreArgs {
@@ -38,6 +38,7 @@ pub struct BenchStoreArgs {
 }
 
 pub fn run(args: BenchStoreArgs) -> Result<()> {
+    let provenance = crate::provenance::provenance();
     let engram = e2e::ensure_cli(true)?;
     let model = e2e::ensure_model()?;
     let host = match &args.host {
@@ -98,7 +99,7 @@ pub fn run(args: BenchStoreArgs) -> Result<()> {
         pair_ratios("decode_tok_per_s"),
         pair_ratios("prefill_tok_per_s"),
     );
-    let out = json!({
+    let mut out = json!({
         "engine": "redis-cluster",
         "redis_server": redis_version(),
         "nodes": args.nodes,
@@ -124,11 +125,9 @@ pub fn run(args: BenchStoreArgs) -> Result<()> {
             "mmap": median(&stat("mmap", "fetch_ms_per_step")),
             "store": median(&stat("store", "fetch_ms_per_step")),
         },
-        "machine": machine(),
-        "commit": git(&["rev-parse", "--short", "HEAD"]),
-        "date": git(&["log", "-1", "--format=%cs"]),
         "runs": runs,
     });
+    provenance::stamp(&mut out, provenance);
     println!("{out}");
     drop(cluster);
     Ok(())
@@ -189,41 +188,6 @@ fn max(xs: &[f64]) -> Value {
         .map_or(Value::Null, |x| json!(x))
 }
 
-fn git(args: &[&str]) -> String {
-    output(Command::new("git").args(args).current_dir(e2e::root()))
-}
-
 fn redis_version() -> String {
-    output(Command::new("redis-server").arg("--version"))
-}
-
-/// CPU model and core count, memory.
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
-        })
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb / (1 << 20));
-    format!("{cpu}, {cores} cores, {mem} GiB")
-}
-
-fn output(cmd: &mut Command) -> String {
-    cmd.output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
+    provenance::output(Command::new("redis-server").arg("--version"))
 }

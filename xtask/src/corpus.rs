@@ -18,7 +18,14 @@ use crate::model::cache_root;
 const LIBRARY_FILES: usize = 317;
 pub const LIBRARY_SHA256: &str = "a15922f672e021db01787215dd792b8b896c3f80e0bcc6714a749dfff08ecc2d";
 
-/// The library sources' directory in the cache, fetched and checked on first use.
+/// The package version whose text was pinned (the digest is the text's, so another
+/// version with the same library sources would do as well).
+pub const PINNED_VERSION: &str = "3.11.2-6+deb12u9";
+
+/// The library sources' directory in the cache, fetched and checked on first use. Every
+/// version the package client offers is tried, the pinned one first, until one holds the
+/// pinned text: a machine whose package lists are older or newer than the pin may still
+/// offer it (bookworm and bookworm-security carry different versions).
 pub fn python_library_docs() -> Result<PathBuf> {
     let root = cache_root()?.join("python3.11-doc");
     let library = root.join("x/usr/share/doc/python3.11/html/_sources/library");
@@ -26,16 +33,60 @@ pub fn python_library_docs() -> Result<PathBuf> {
         return Ok(library);
     }
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    eprintln!("xtask: fetching Debian's python3.11-doc (apt-get download)");
+    let mut tried = Vec::new();
+    for version in candidate_versions()? {
+        eprintln!("xtask: fetching Debian's python3.11-doc {version} (apt-get download)");
+        let digest = fetch_and_extract(&root, &version)?;
+        if digest == LIBRARY_SHA256 {
+            return Ok(library);
+        }
+        tried.push(format!("{version}: {digest}"));
+    }
+    bail!(
+        "none of the python3.11-doc versions the package client offers holds the pinned \
+         library text (sha256 {LIBRARY_SHA256}, version {PINNED_VERSION}); tried [{}]. \
+         `apt-get update` may bring it",
+        tried.join("; ")
+    )
+}
+
+/// The versions `apt-cache madison` lists, the pinned one first.
+fn candidate_versions() -> Result<Vec<String>> {
+    let out = Command::new("apt-cache")
+        .args(["madison", "python3.11-doc"])
+        .output()
+        .context("cannot run apt-cache (Debian's package client)")?;
+    let mut versions: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split('|').nth(1).map(|v| v.trim().to_string()))
+        .filter(|v| !v.is_empty())
+        .collect();
+    versions.dedup();
+    versions.sort_by_key(|v| v != PINNED_VERSION);
+    if versions.is_empty() {
+        bail!("apt-cache madison python3.11-doc lists no version (run apt-get update)");
+    }
+    Ok(versions)
+}
+
+/// Downloads one version of the package into `root`, extracts it to `root/x` (replacing
+/// what was there) and returns the digest of its library sources.
+fn fetch_and_extract(root: &Path, version: &str) -> Result<String> {
+    for stale in fs::read_dir(root)?.filter_map(|e| e.ok().map(|e| e.path())) {
+        if stale.extension().is_some_and(|x| x == "deb") {
+            fs::remove_file(&stale)?;
+        }
+    }
     let status = Command::new("apt-get")
-        .args(["download", "python3.11-doc"])
-        .current_dir(&root)
+        .arg("download")
+        .arg(format!("python3.11-doc={version}"))
+        .current_dir(root)
         .status()
         .context("cannot run apt-get (Debian's package client)")?;
     if !status.success() {
-        bail!("apt-get download python3.11-doc failed ({status})");
+        bail!("apt-get download python3.11-doc={version} failed ({status})");
     }
-    let deb = fs::read_dir(&root)?
+    let deb = fs::read_dir(root)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .context("apt-get download left no .deb")?;
@@ -51,15 +102,7 @@ pub fn python_library_docs() -> Result<PathBuf> {
         bail!("dpkg-deb -x {} failed ({status})", deb.display());
     }
     fs::remove_file(&deb)?;
-    let digest = library_digest(&library)?;
-    if digest != LIBRARY_SHA256 {
-        bail!(
-            "{}: the library sources' digest is {digest}, pinned {LIBRARY_SHA256}: Debian's \
-             python3.11-doc changed its text",
-            library.display()
-        );
-    }
-    Ok(library)
+    library_digest(&extracted.join("usr/share/doc/python3.11/html/_sources/library"))
 }
 
 /// sha256 over `name \0 sha256(content) \n` of every file, in sorted name order.

@@ -455,6 +455,30 @@ fn write_if_changed(path: &Path, text: &str) -> Result<()> {
     fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Runs `run` with Engram on (no extra host arguments) and off (`--no-engram`),
+/// alternating, `repeats` times each; returns the row of highest `decode_tok_per_s` of
+/// each mode, `[on, off]`, and every row.
+pub fn best_on_off(
+    repeats: usize,
+    mut run: impl FnMut(&[&str]) -> Result<Value>,
+) -> Result<([Value; 2], Vec<Value>)> {
+    let mut best: [Option<Value>; 2] = [None, None];
+    let mut runs = Vec::new();
+    for _ in 0..repeats.max(1) {
+        for (i, extra) in [&[][..], &["--no-engram"][..]].iter().enumerate() {
+            let row = run(extra)?;
+            let better = best[i]
+                .as_ref()
+                .is_none_or(|b| row["decode_tok_per_s"].as_f64() > b["decode_tok_per_s"].as_f64());
+            if better {
+                best[i] = Some(row.clone());
+            }
+            runs.push(row);
+        }
+    }
+    Ok((best.map(Option::unwrap_or_default), runs))
+}
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// Use the release build of the host (`cargo xtask mistralrs-build --release`; long
@@ -475,30 +499,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let host = ensure_host(args.release)?;
     let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
     let prompt = BENCH_PROMPT;
-    let mut best: [Option<Value>; 2] = [None, None];
-    let mut runs = Vec::new();
-    for _ in 0..args.repeats.max(1) {
-        for (i, extra) in [&[][..], &["--no-engram"][..]].iter().enumerate() {
-            let v = run_host(&host, &host_args(&demo, &[prompt], args.max_tokens, extra))?;
-            let o = &v["outputs"][0];
-            let row = json!({
-                "engram": i == 0,
-                "prefill_tok_per_s": o["prompt_tok_per_s"],
-                "decode_tok_per_s": o["completion_tok_per_s"],
-                "prompt_tokens": o["prompt_tokens"],
-                "completion_tokens": o["completion_tokens"],
-                "lookup_stats": v["lookup_stats"][0]["stats"],
-            });
-            let better = best[i]
-                .as_ref()
-                .is_none_or(|b| row["decode_tok_per_s"].as_f64() > b["decode_tok_per_s"].as_f64());
-            if better {
-                best[i] = Some(row.clone());
-            }
-            runs.push(row);
-        }
-    }
-    let [on, off] = best.map(Option::unwrap_or_default);
+    let ([on, off], runs) = best_on_off(args.repeats, |extra| {
+        let v = run_host(&host, &host_args(&demo, &[prompt], args.max_tokens, extra))?;
+        let o = &v["outputs"][0];
+        Ok(json!({
+            "engram": extra.is_empty(),
+            "prefill_tok_per_s": o["prompt_tok_per_s"],
+            "decode_tok_per_s": o["completion_tok_per_s"],
+            "prompt_tokens": o["prompt_tokens"],
+            "completion_tokens": o["completion_tokens"],
+            "lookup_stats": v["lookup_stats"][0]["stats"],
+        }))
+    })?;
     let ratio = |k: &str| match (on[k].as_f64(), off[k].as_f64()) {
         (Some(a), Some(b)) if a > 0.0 => json!(b / a),
         _ => Value::Null,

@@ -9,12 +9,14 @@ mod corpus;
 mod cuda_toolkit;
 mod demo;
 mod e2e;
+mod fit_demo;
 mod gpu_e2e;
 mod mistralrs;
 mod mistralrs_cli;
 mod model;
 mod nvrtc;
 mod progress;
+mod provenance;
 mod pypi;
 mod test_gpu;
 mod tiny_models;
@@ -76,6 +78,10 @@ enum Task {
     /// first use (cached), and generates with Engram on and off through the patched
     /// mistral.rs host: text, tokens/s of both, lookup stats.
     Demo(demo::DemoArgs),
+    /// Fits an Engram adapter to the Python 3.11 library docs on frozen SmolLM2 (cached),
+    /// then perplexity on fitted and held-out files with and without it: writes
+    /// docs/results/fit.json (docs/fit.md).
+    FitDemo(fit_demo::FitDemoArgs),
     /// End-to-end checks through the patched mistral.rs host (identity with a zero-value
     /// checkpoint, KV cache vs recompute, concurrent vs single, greedy-id snapshot).
     MistralrsTest(e2e::TestArgs),
@@ -140,6 +146,7 @@ fn run(cli: Cli) -> Result<()> {
         Task::MistralrsBuild(args) => mistralrs::run(args),
         Task::Demo(args) => demo::run(args),
         Task::MistralrsTest(args) => e2e::test(args),
+        Task::FitDemo(args) => fit_demo::run(args),
         Task::BenchE2e(args) => e2e::bench(args),
         Task::BenchTables(args) => bench_tables::run(args),
         Task::BenchSharing(args) => bench_sharing::run(args),
