@@ -23,6 +23,7 @@ pub mod prefetch;
 pub mod remote;
 pub mod runtime;
 pub mod stats;
+pub mod stats_log;
 pub mod step;
 pub mod trace;
 mod windows;

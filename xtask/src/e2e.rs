@@ -67,6 +67,55 @@ pub fn ensure_host(release: bool) -> Result<PathBuf> {
     Ok(host_bin(release, "engram-mistralrs-host"))
 }
 
+/// [`ensure_host`] with `--cli`: also builds mistral.rs's own CLI with the feature; returns
+/// the `mistralrs` binary.
+pub fn ensure_host_and_cli(release: bool) -> Result<PathBuf> {
+    let args = MistralrsBuildArgs {
+        release,
+        cli: true,
+        ..Default::default()
+    };
+    eprintln!("xtask: building the patched host and mistral.rs's CLI (mistralrs-build --cli)");
+    crate::mistralrs::run(args)?;
+    Ok(host_bin(release, "mistralrs"))
+}
+
+/// The `openai` client the serve checks drive the server with, pinned.
+const OPENAI: &str = "openai==3.51.0";
+
+/// Installs [`OPENAI`] with pip into `target/mistralrs-build/openai-client` (once) and
+/// returns that directory, for `PYTHONPATH`.
+pub fn ensure_openai_client() -> Result<PathBuf> {
+    let dir = root()
+        .join("target")
+        .join("mistralrs-build")
+        .join("openai-client");
+    let stamp = dir.join(".xtask-installed");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == OPENAI) {
+        return Ok(dir);
+    }
+    let _ = fs::remove_dir_all(&dir);
+    eprintln!("xtask: pip install --target {} {OPENAI}", dir.display());
+    let status = Command::new(crate::pypi::python())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-warn-conflicts",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg(OPENAI)
+        .status()
+        .context("cannot run python3 -m pip")?;
+    if !status.success() {
+        bail!("pip install {OPENAI} failed ({status})");
+    }
+    fs::write(&stamp, OPENAI)?;
+    Ok(dir)
+}
+
 fn host_bin(release: bool, name: &str) -> PathBuf {
     root()
         .join("target")
@@ -256,7 +305,8 @@ const TINY_STRONG: &[&str] = &["--layers", "1,3", "--vocab", "5000", "--value-sc
 pub fn test(args: TestArgs) -> Result<()> {
     let engram = ensure_cli(false)?;
     let model = ensure_model()?;
-    ensure_host(false)?;
+    let mistralrs = ensure_host_and_cli(false)?;
+    let openai = ensure_openai_client()?;
     let zero = ensure_checkpoint(&engram, &model, ZERO.0, ZERO.1)?;
     let seeded = ensure_checkpoint(&engram, &model, SEEDED.0, SEEDED.1)?;
     let strong = ensure_checkpoint(&engram, &model, STRONG.0, STRONG.1)?;
@@ -283,8 +333,16 @@ pub fn test(args: TestArgs) -> Result<()> {
         .arg(build.join("host").join("Cargo.toml"))
         .arg("--target-dir")
         .arg(build.join("target"))
-        .args(["--test", "engram_e2e", "--"])
+        .args(["--test", "engram_e2e", "--test", "serve_e2e", "--"])
         .args(&args.test_args)
+        .env("ENGRAM_E2E_MISTRALRS", &mistralrs)
+        .env("ENGRAM_E2E_PYTHONPATH", &openai)
+        .env(
+            "ENGRAM_E2E_OPENAI_CLIENT",
+            root.join("mistralrs-host")
+                .join("tests")
+                .join("openai_client.py"),
+        )
         .env("ENGRAM_E2E_ENGRAM", &engram)
         .env("ENGRAM_E2E_MODEL", &model)
         .env("ENGRAM_E2E_ZERO", &zero)

@@ -51,6 +51,7 @@ pub fn bundle(dir: &Path) -> Result<()> {
         release: true,
         no_build: false,
         cuda: true,
+        cli: false,
     })?;
     let engram = crate::e2e::ensure_cli(true)?;
     let model = crate::e2e::ensure_model()?;

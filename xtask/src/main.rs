@@ -12,6 +12,7 @@ mod e2e;
 mod fit_demo;
 mod gpu_e2e;
 mod mistralrs;
+mod mistralrs_cli;
 mod model;
 mod nvrtc;
 mod progress;

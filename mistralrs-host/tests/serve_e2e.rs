@@ -1,0 +1,348 @@
+//! End-to-end checks of mistral.rs's own server, `mistralrs serve` (crate mistralrs-cli
+//! 0.8.1 built with the patched mistralrs-core's `engram` feature), on SmolLM2-135M-Instruct
+//! (f32, CPU), through a real OpenAI client: the `openai` package from PyPI
+//! (`tests/openai_client.py`). Run by `cargo xtask mistralrs-test`, which builds the CLI,
+//! installs the client and passes the paths in `ENGRAM_E2E_*` variables.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// Prompts sent one after another (never batched: see docs/mistralrs.md on the upstream
+/// same-length batched-prefill bug on the CPU).
+const PROMPTS: [&str; 2] = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+];
+/// For the completion endpoint (no chat template): a text to continue.
+const COMPLETION_PROMPT: &str = "Once upon a time, there was a";
+
+struct Setup {
+    /// `mistralrs` (mistralrs-cli) built with the `engram` feature.
+    cli: PathBuf,
+    /// Where `pip install --target` put the `openai` package.
+    pythonpath: PathBuf,
+    model: PathBuf,
+    zero: PathBuf,
+    seeded: PathBuf,
+    strong: PathBuf,
+    max_tokens: usize,
+    scratch: PathBuf,
+}
+
+fn setup() -> Setup {
+    let var = |name: &str| -> PathBuf {
+        std::env::var_os(name)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                panic!("{name} is not set: run these tests with `cargo xtask mistralrs-test`")
+            })
+    };
+    let scratch = var("ENGRAM_E2E_SCRATCH");
+    std::fs::create_dir_all(&scratch).unwrap();
+    Setup {
+        cli: var("ENGRAM_E2E_MISTRALRS"),
+        pythonpath: var("ENGRAM_E2E_PYTHONPATH"),
+        model: var("ENGRAM_E2E_MODEL"),
+        zero: var("ENGRAM_E2E_ZERO"),
+        seeded: var("ENGRAM_E2E_SEEDED"),
+        strong: var("ENGRAM_E2E_STRONG"),
+        max_tokens: std::env::var("ENGRAM_E2E_MAX_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16),
+        scratch,
+    }
+}
+
+/// A running `mistralrs serve`, killed when dropped. Its output goes to `log`.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `mistralrs serve` on `model` (a directory) on a free loopback port and waits
+    /// until it listens (it binds its port only once the model is loaded).
+    fn start(s: &Setup, model: &Path, name: &str) -> Server {
+        Self::start_with(s, model, name, &[])
+    }
+
+    /// [`Server::start`] with `extra` options for `mistralrs serve` (`--isq q4k`).
+    fn start_with(s: &Setup, model: &Path, name: &str, extra: &[&str]) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = s.scratch.join(format!("serve-{name}-{port}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(&s.cli)
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--cpu", "--dtype", "f32"])
+            .args(extra)
+            .arg("-m")
+            .arg(model)
+            // Engram's lookup stats as a log line every second (when they changed).
+            .env("ENGRAM_STATS_INTERVAL", "1")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", s.cli.display()));
+        let mut server = Server { child, port, log };
+        server.wait_listening(Duration::from_secs(600));
+        server
+    }
+
+    fn wait_listening(&mut self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "mistralrs serve exited ({status}) before listening:\n{}",
+                    self.log_text()
+                );
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "mistralrs serve did not listen within {limit:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `requests` one after another through `tests/openai_client.py`; returns its JSON.
+fn openai_client(s: &Setup, server: &Server, requests: &Value) -> Value {
+    let script = std::env::var_os("ENGRAM_E2E_OPENAI_CLIENT")
+        .map(PathBuf::from)
+        .expect("ENGRAM_E2E_OPENAI_CLIENT is not set: run with `cargo xtask mistralrs-test`");
+    let mut child = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
+        .arg(&script)
+        .arg(server.base_url())
+        .env("PYTHONPATH", &s.pythonpath)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    serde_json::to_writer(child.stdin.take().unwrap(), requests).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the openai client failed ({}):\n{}\nserver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The rows and live sequences of the server's last `Engram stats` line, waiting up to
+/// 10 s for one written after the requests (the line comes every second when they changed).
+fn last_stats_line(server: &Server) -> (u64, u64) {
+    let number_before = |line: &str, what: &str| -> u64 {
+        let head = &line[..line
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in {line}"))];
+        head.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    let started = Instant::now();
+    loop {
+        let log = server.log_text();
+        let line = log.lines().rev().find(|l| l.contains("Engram stats"));
+        if let Some(line) = line {
+            let (steps, rows) = (number_before(line, " steps"), number_before(line, " rows"));
+            // The warm-up request at load is one step; the requests made many more.
+            if steps > 1 {
+                return (rows, number_before(line, " live sequences"));
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no Engram stats line after the requests:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn chat_requests(s: &Setup, logprobs: bool) -> Value {
+    PROMPTS
+        .iter()
+        .map(|p| {
+            json!({"endpoint": "chat", "stream": false, "prompt": p,
+                   "max_tokens": s.max_tokens, "logprobs": logprobs})
+        })
+        .collect()
+}
+
+/// The line the patched crate logs when it opens an Engram model.
+const ENGRAM_OPENED: &str = "Engram: layers";
+
+/// The zero-value checkpoint through `mistralrs serve` answers exactly as the plain model
+/// through the same server (which opens no Engram runtime: upstream behaviour): the same
+/// greedy tokens with the same logprobs and top-5 logprobs, bit for bit. (mistral.rs
+/// 0.8.1's greedy sampler reports log10 of the raw logits as `logprob`, so these compare
+/// the five largest logits of every step.) And with `engram-strong` the answers
+/// change, so the server's forward pass does run the Engram layers. The Engram server's
+/// stats log line (`ENGRAM_STATS_INTERVAL`) must count the rows it fetched.
+#[test]
+fn serve_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
+    let s = setup();
+    let requests = chat_requests(&s, true);
+    let plain = Server::start(&s, &s.model, "plain");
+    assert!(
+        !plain.log_text().contains(ENGRAM_OPENED),
+        "the plain model opened Engram:\n{}",
+        plain.log_text()
+    );
+    let want = openai_client(&s, &plain, &requests);
+    drop(plain);
+
+    let zero = Server::start(&s, &s.zero, "zero");
+    assert!(
+        zero.log_text().contains(ENGRAM_OPENED),
+        "the zero-value checkpoint did not open Engram:\n{}",
+        zero.log_text()
+    );
+    let got = openai_client(&s, &zero, &requests);
+    let (rows, live) = last_stats_line(&zero);
+    assert!(rows > 0, "the stats line counts no rows fetched");
+    eprintln!("stats line: {rows} rows, {live} live sequences");
+    drop(zero);
+
+    assert_same_answers(&want, &got);
+
+    let strong = Server::start(&s, &s.strong, "strong");
+    let changed = openai_client(&s, &strong, &requests);
+    drop(strong);
+    let (w, c) = (&want["results"][1], &changed["results"][1]);
+    assert_ne!(
+        w["tokens"], c["tokens"],
+        "engram-strong served the plain model's tokens: Engram did not run"
+    );
+    eprintln!("engram-strong: {:?} (plain: {:?})", c["text"], w["text"]);
+}
+
+/// The same identity with in-situ quantization (`--isq q4k`, the model's linear layers
+/// quantized at load): the zero-value checkpoint gives the quantized plain model's tokens,
+/// logprobs and top-5 logprobs, and the Engram server counts the rows it fetched.
+#[test]
+fn isq_q4k_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
+    let s = setup();
+    let requests = chat_requests(&s, true);
+    let isq = ["--isq", "q4k"];
+    let plain = Server::start_with(&s, &s.model, "isq-plain", &isq);
+    let want = openai_client(&s, &plain, &requests);
+    drop(plain);
+    let zero = Server::start_with(&s, &s.zero, "isq-zero", &isq);
+    assert!(
+        zero.log_text().contains("Applying ISQ"),
+        "{}",
+        zero.log_text()
+    );
+    let got = openai_client(&s, &zero, &requests);
+    let (rows, _) = last_stats_line(&zero);
+    assert!(rows > 0, "the stats line counts no rows fetched");
+    drop(zero);
+    assert_same_answers(&want, &got);
+}
+
+/// Every result of `got` has `want`'s tokens, logprobs, top-5 logprobs and text.
+fn assert_same_answers(want: &Value, got: &Value) {
+    for (i, (w, g)) in want["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(got["results"].as_array().unwrap())
+        .enumerate()
+    {
+        let tokens = w["tokens"].as_array().map_or(0, Vec::len);
+        assert!(
+            tokens > 0,
+            "request {i}: no per-token logprobs from the server: {w}"
+        );
+        assert_eq!(
+            w["tokens"], g["tokens"],
+            "request {i}: greedy tokens differ"
+        );
+        assert_eq!(w["logprobs"], g["logprobs"], "request {i}: logprobs differ");
+        assert_eq!(w["top"], g["top"], "request {i}: top-5 logprobs differ");
+        assert_eq!(w["text"], g["text"], "request {i}: text differs");
+        eprintln!(
+            "request {i}: {tokens} tokens, text and logprobs identical: {:?}",
+            g["text"]
+        );
+    }
+}
+
+/// The `openai` package against the server with Engram on (`engram-seeded`): chat and
+/// completion endpoints, streaming and not. Greedy, so each endpoint's streamed text must
+/// equal its non-streamed text, and streaming must come in more than one chunk.
+#[test]
+fn openai_client_streams_and_not_chat_and_completion_with_engram() {
+    let s = setup();
+    let server = Server::start(&s, &s.seeded, "seeded");
+    assert!(server.log_text().contains(ENGRAM_OPENED));
+    let mut requests = Vec::new();
+    for (endpoint, prompt) in [("chat", PROMPTS[0]), ("completion", COMPLETION_PROMPT)] {
+        for stream in [false, true] {
+            requests.push(
+                json!({"endpoint": endpoint, "stream": stream, "prompt": prompt,
+                                 "max_tokens": s.max_tokens, "logprobs": false}),
+            );
+        }
+    }
+    let got = openai_client(&s, &server, &Value::Array(requests));
+    eprintln!(
+        "openai {} against model {}",
+        got["openai_version"], got["model"]
+    );
+    let r = got["results"].as_array().unwrap();
+    for (i, name) in ["chat", "completion"].iter().enumerate() {
+        let (plain, streamed) = (&r[2 * i], &r[2 * i + 1]);
+        let text = plain["text"].as_str().unwrap();
+        assert!(!text.trim().is_empty(), "{name}: empty answer: {plain}");
+        assert_eq!(
+            plain["text"], streamed["text"],
+            "{name}: streamed text differs from the whole answer"
+        );
+        assert!(
+            streamed["chunks"].as_u64().unwrap() > 1,
+            "{name}: the stream came in one chunk: {streamed}"
+        );
+        for v in [plain, streamed] {
+            assert!(
+                ["length", "stop"].contains(&v["finish_reason"].as_str().unwrap_or("")),
+                "{name}: finish reason {v}"
+            );
+        }
+        eprintln!(
+            "{name}: {:?} ({} chunks streamed)",
+            text, streamed["chunks"]
+        );
+    }
+}
