@@ -491,13 +491,21 @@ pub struct BenchArgs {
     /// Runs per mode (alternating on, off); the best tokens/s of each is reported.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
+    /// An Engram checkpoint directory to run instead of the demo's (for example one
+    /// `engram fit` wrote).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    let provenance = crate::provenance::provenance();
     let engram = ensure_cli(true)?;
     let model = ensure_model()?;
     let host = ensure_host(args.release)?;
-    let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
+    let demo = match &args.checkpoint {
+        Some(dir) => dir.clone(),
+        None => ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?,
+    };
     let prompt = BENCH_PROMPT;
     let ([on, off], runs) = best_on_off(args.repeats, |extra| {
         let v = run_host(&host, &host_args(&demo, &[prompt], args.max_tokens, extra))?;
@@ -515,9 +523,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         (Some(a), Some(b)) if a > 0.0 => json!(b / a),
         _ => Value::Null,
     };
-    let out = json!({
+    let checkpoint = match &args.checkpoint {
+        Some(dir) => dir.display().to_string(),
+        None => "engram-demo (layers 1,15; orders 2-3; 8 heads; 512/order; vocab 646400; bf16 tables, mmap)".into(),
+    };
+    let mut out = json!({
         "model": "SmolLM2-135M-Instruct, f32, CPU",
-        "checkpoint": "engram-demo (layers 1,15; orders 2-3; 8 heads; 512/order; vocab 646400; bf16 tables, mmap)",
+        "checkpoint": checkpoint,
         "profile": if args.release { "release" } else { "debug (numeric crates opt-level 3)" },
         "max_tokens": args.max_tokens,
         "engram_on": on,
@@ -526,6 +538,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         "prefill_overhead_ratio_off_over_on": ratio("prefill_tok_per_s"),
         "runs": runs,
     });
+    crate::provenance::stamp(&mut out, provenance);
     println!("{out}");
     Ok(())
 }
