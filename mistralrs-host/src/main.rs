@@ -322,8 +322,10 @@ fn write_logits(path: &Path, logs: &[Arc<Mutex<LogitsLog>>]) -> Result<Value> {
             ids.push(argmax(values));
             context.push(*len);
         }
-        requests.push(json!({"steps": log.steps.len(), "context_len": context, "argmax_ids": ids,
-                             "context_ids": log.last_context}));
+        requests.push(
+            json!({"steps": log.steps.len(), "context_len": context, "argmax_ids": ids,
+                             "context_ids": log.last_context}),
+        );
     }
     out.flush()?;
     Ok(json!({"file": path, "vocab": vocab.unwrap_or(0), "requests": requests}))

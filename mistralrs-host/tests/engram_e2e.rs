@@ -3,6 +3,8 @@
 //! which builds the hosts, fetches the model, writes the seeded Engram checkpoints and
 //! passes their paths in `ENGRAM_E2E_*` variables (see `Setup`).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -42,15 +44,8 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let var = |name: &str| -> PathBuf {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                panic!("{name} is not set: run these tests with `cargo xtask mistralrs-test`")
-            })
-    };
-    let scratch = var("ENGRAM_E2E_SCRATCH");
-    std::fs::create_dir_all(&scratch).unwrap();
+    let var = common::env_path;
+    let scratch = common::scratch();
     Setup {
         host: PathBuf::from(env!("CARGO_BIN_EXE_engram-mistralrs-host")),
         pristine: std::env::var_os("ENGRAM_E2E_PRISTINE_HOST").map(PathBuf::from),
@@ -60,10 +55,7 @@ fn setup() -> Setup {
         strong: var("ENGRAM_E2E_STRONG"),
         seeded: var("ENGRAM_E2E_SEEDED"),
         tiny_root: var("ENGRAM_E2E_TINY_ROOT"),
-        max_tokens: std::env::var("ENGRAM_E2E_MAX_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16),
+        max_tokens: common::max_tokens(),
         scratch,
     }
 }
@@ -344,7 +336,11 @@ fn assert_engram_matches_reference_inside_host(s: &Setup, strong: &Path) {
             .collect();
         let o = &traced_run.summary["outputs"][i];
         let n = o["prompt_tokens"].as_u64().unwrap() + o["completion_tokens"].as_u64().unwrap() - 1;
-        assert_eq!(ids.len() as u64, n, "request {i}: context ids vs the usage counts");
+        assert_eq!(
+            ids.len() as u64,
+            n,
+            "request {i}: context ids vs the usage counts"
+        );
         let positions: Vec<u64> = (0..n).collect();
         let found = last_runs.iter().enumerate().position(|(k, (_, layers))| {
             unclaimed[k]
@@ -357,7 +353,10 @@ fn assert_engram_matches_reference_inside_host(s: &Setup, strong: &Path) {
                 .map(|(seq, layers)| {
                     format!(
                         "sequence {seq}: {:?}",
-                        layers.iter().map(|(_, t)| &t[..t.len().min(12)]).collect::<Vec<_>>()
+                        layers
+                            .iter()
+                            .map(|(_, t)| &t[..t.len().min(12)])
+                            .collect::<Vec<_>>()
                     )
                 })
                 .collect();

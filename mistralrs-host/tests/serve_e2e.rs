@@ -4,6 +4,8 @@
 //! (`tests/openai_client.py`). Run by `cargo xtask mistralrs-test`, which builds the CLI,
 //! installs the client and passes the paths in `ENGRAM_E2E_*` variables.
 
+mod common;
+
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,15 +36,8 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let var = |name: &str| -> PathBuf {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                panic!("{name} is not set: run these tests with `cargo xtask mistralrs-test`")
-            })
-    };
-    let scratch = var("ENGRAM_E2E_SCRATCH");
-    std::fs::create_dir_all(&scratch).unwrap();
+    let var = common::env_path;
+    let scratch = common::scratch();
     Setup {
         cli: var("ENGRAM_E2E_MISTRALRS"),
         pythonpath: var("ENGRAM_E2E_PYTHONPATH"),
@@ -50,10 +45,7 @@ fn setup() -> Setup {
         zero: var("ENGRAM_E2E_ZERO"),
         seeded: var("ENGRAM_E2E_SEEDED"),
         strong: var("ENGRAM_E2E_STRONG"),
-        max_tokens: std::env::var("ENGRAM_E2E_MAX_TOKENS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(16),
+        max_tokens: common::max_tokens(),
         scratch,
     }
 }

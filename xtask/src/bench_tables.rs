@@ -211,9 +211,11 @@ pub fn run(args: BenchTablesArgs) -> Result<()> {
             // What the run brought into the page cache of the table file: the table's
             // bytes read from disk, kernel read-ahead included (the host's own
             // /proc/self/io misses reads io_uring's workers do for it).
-            row["table_read_bytes"] = json!(mode
-                .engram
-                .then(|| { resident_bytes(&table_file).saturating_sub(resident_before) }));
+            // null where fincore cannot tell (not installed): never a made-up 0.
+            let read = resident_bytes(&table_file)
+                .zip(resident_before)
+                .map(|(after, before)| after.saturating_sub(before));
+            row["table_read_bytes"] = json!(read.filter(|_| mode.engram));
             row["mode"] = json!(mode.name);
             row["repeat"] = json!(repeat);
             row["cold"] = json!(cold);
@@ -321,15 +323,15 @@ fn summarize(v: &Value) -> Result<Value> {
 }
 
 /// Drops the page cache (needs root); false where it cannot.
-/// Bytes of `file` in the page cache (util-linux `fincore`); 0 where it cannot tell.
-fn resident_bytes(file: &Path) -> u64 {
+/// Bytes of `file` in the page cache (util-linux `fincore`); None where it cannot tell.
+fn resident_bytes(file: &Path) -> Option<u64> {
     Command::new("fincore")
         .args(["--bytes", "--noheadings", "--output", "RES"])
         .arg(file)
         .output()
         .ok()
+        .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(0)
 }
 
 fn drop_page_cache() -> bool {
