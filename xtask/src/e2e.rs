@@ -305,6 +305,7 @@ const TINY_STRONG: &[&str] = &["--layers", "1,3", "--vocab", "5000", "--value-sc
 pub fn test(args: TestArgs) -> Result<()> {
     let engram = ensure_cli(false)?;
     let model = ensure_model()?;
+    let gguf = crate::model::ensure_model_gguf()?;
     let mistralrs = ensure_host_and_cli(false)?;
     let openai = ensure_openai_client()?;
     let zero = ensure_checkpoint(&engram, &model, ZERO.0, ZERO.1)?;
@@ -345,6 +346,7 @@ pub fn test(args: TestArgs) -> Result<()> {
         )
         .env("ENGRAM_E2E_ENGRAM", &engram)
         .env("ENGRAM_E2E_MODEL", &model)
+        .env("ENGRAM_E2E_GGUF", &gguf)
         .env("ENGRAM_E2E_ZERO", &zero)
         .env("ENGRAM_E2E_SEEDED", &seeded)
         .env("ENGRAM_E2E_STRONG", &strong)

