@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use common::engram;
-use engram_cli::fit::eval::{eval, load_engram, EvalArgs};
+use engram_cli::fit::eval::{eval, last_logits, load_engram, EvalArgs, LogitsArgs};
+use engram_cli::fit::greedy::{agreeing, choose_examples, greedy, Counts, Outcome};
 use engram_cli::fit::llama::Llama;
 use engram_cli::fit::model::{hidden_before, ids_tensor};
 use engram_cli::fit::train::{fit, partial_dir, FitArgs};
@@ -113,6 +114,16 @@ fn corpus(dir: &Path, files: usize, words: usize) -> Vec<PathBuf> {
             path
         })
         .collect()
+}
+
+/// The tiny model, a corpus of `files` files of `words` words, and a checkpoint fitted on
+/// it for `steps` steps (`dir/fit`).
+fn fitted(dir: &Path, files: usize, words: usize, steps: u64) -> (PathBuf, Vec<PathBuf>, PathBuf) {
+    let model = tiny_model(dir);
+    let files = corpus(dir, files, words);
+    let out = dir.join("fit");
+    fit(&args(&model, &files, &out, steps)).unwrap();
+    (model, files, out)
 }
 
 fn args(model: &Path, corpus: &[PathBuf], out: &Path, steps: u64) -> FitArgs {
@@ -232,10 +243,7 @@ fn loss_falls_and_perplexity_drops() {
 #[test]
 fn the_runtime_serves_what_the_fit_computed() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let files = corpus(tmp.path(), 2, 300);
-    let out = tmp.path().join("fit");
-    fit(&args(&model, &files, &out, 20)).unwrap();
+    let (_, _, out) = fitted(tmp.path(), 2, 300, 20);
     let parts = load_engram(&out).unwrap().unwrap();
     let llama = Llama::load(&out).unwrap();
     let tokens: Vec<u32> = (0..24).map(|i| (i * 7 % WORDS + 1) as u32).collect();
@@ -355,4 +363,166 @@ fn bad_input_is_a_clear_error() {
     fs::create_dir_all(&bare).unwrap();
     fs::copy(model.join("config.json"), bare.join("config.json")).unwrap();
     check(files.clone(), &bare, "no tokenizer.json");
+}
+
+/// `greedy` through the fit's forward picks, at every step, the argmax of what `engram
+/// logits` writes for the ids so far, with Engram and without; and stopping a prompt at
+/// its first token that differs from the text changes no count of agreeing tokens.
+#[test]
+fn greedy_is_the_argmax_of_engram_logits_step_by_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, files, out) = fitted(tmp.path(), 2, 300, 30);
+    let parts = load_engram(&out).unwrap().unwrap();
+    let llama = Llama::load(&out).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let ids = engram_cli::fit::data::tokenize_file(&tok, &files[0]).unwrap();
+    let prompt = &ids[..12];
+    let logits_file = tmp.path().join("logits.bin");
+    for no_engram in [false, true] {
+        let engram = (!no_engram).then_some(&parts);
+        let got = greedy(&llama, engram, &[prompt], 6, None, 4)
+            .unwrap()
+            .remove(0);
+        assert_eq!(got.len(), 6);
+        for j in 0..got.len() {
+            let mut so_far = prompt.to_vec();
+            so_far.extend(&got[..j]);
+            last_logits(&LogitsArgs {
+                model: out.clone(),
+                ids: so_far,
+                no_engram,
+                out: logits_file.clone(),
+            })
+            .unwrap();
+            let logits: Vec<f32> = fs::read(&logits_file)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let best = (0..logits.len())
+                .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+                .unwrap();
+            assert_eq!(got[j], best as u32, "step {j}, no_engram {no_engram}");
+        }
+    }
+    // Every prompt of the file, 8 tokens each, 4 generated: stopping at the first miss
+    // gives the same agreeing prefix as generating all 4; batches of 3 as of 1.
+    let starts: Vec<usize> = (0..)
+        .step_by(8)
+        .take_while(|s| s + 12 <= ids.len())
+        .collect();
+    let prompts: Vec<&[u32]> = starts.iter().map(|&s| &ids[s..s + 8]).collect();
+    let text: Vec<&[u32]> = starts.iter().map(|&s| &ids[s + 8..s + 12]).collect();
+    let mut fulls = Vec::new();
+    for engram in [Some(&parts), None] {
+        let full = greedy(&llama, engram, &prompts, 4, None, 1).unwrap();
+        let stopped = greedy(&llama, engram, &prompts, 4, Some(&text), 3).unwrap();
+        for i in 0..prompts.len() {
+            assert_eq!(
+                agreeing(&full[i], text[i]),
+                agreeing(&stopped[i], text[i]),
+                "prompt {i}"
+            );
+            assert!(full[i].starts_with(&stopped[i]), "prompt {i}");
+        }
+        fulls.push(full);
+    }
+    assert_ne!(
+        fulls[0], fulls[1],
+        "the fitted Engram changes no greedy token"
+    );
+}
+
+/// The examples rule on made-up outcomes: prompts right with Engram and wrong without,
+/// taken in rounds over the files (first of each file, then second of each).
+#[test]
+fn the_examples_rule_takes_qualifying_prompts_in_rounds_over_files() {
+    let o = |file, start, host_agrees, engram_agrees| Outcome {
+        file,
+        start,
+        host_agrees,
+        engram_agrees,
+    };
+    let outcomes = [
+        o(0, 0, 4, 4),  // both right
+        o(0, 8, 1, 4),  // qualifies: file 0, first
+        o(0, 16, 0, 3), // neither
+        o(0, 24, 3, 4), // qualifies: file 0, second
+        o(1, 0, 4, 2),  // host only
+        o(2, 0, 0, 4),  // qualifies: file 2, first
+        o(2, 8, 2, 4),  // qualifies: file 2, second
+        o(2, 16, 0, 4), // qualifies: file 2, third
+    ];
+    assert_eq!(choose_examples(&outcomes, 4, 3), vec![1, 5, 3]);
+    assert_eq!(choose_examples(&outcomes, 4, 10), vec![1, 5, 3, 6, 7]);
+    assert_eq!(choose_examples(&outcomes, 4, 0), Vec::<usize>::new());
+    assert_eq!(choose_examples(&outcomes[..1], 4, 3), Vec::<usize>::new());
+    assert_eq!(
+        Counts::of(&outcomes, 4),
+        Counts {
+            prompts: 8,
+            both_right: 1,
+            engram_only: 5,
+            host_only: 1,
+            neither: 1
+        }
+    );
+}
+
+/// `engram greedy-examples --json` on a fitted tiny model: every prompt counted once, and
+/// each example's Engram continuation is the text's tokens and the host's is not.
+#[test]
+fn greedy_examples_reports_counts_and_examples_that_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, files, out) = fitted(tmp.path(), 3, 400, 60);
+    let mut argv = vec![
+        "greedy-examples",
+        "--model",
+        out.to_str().unwrap(),
+        "--prompt-tokens",
+        "8",
+        "--new-tokens",
+        "4",
+        "--json",
+    ];
+    argv.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let (code, stdout, stderr) = engram(&argv);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let tok = tokenizers::Tokenizer::from_file(model.join("tokenizer.json")).unwrap();
+    let texts: Vec<Vec<u32>> = files
+        .iter()
+        .map(|f| engram_cli::fit::data::tokenize_file(&tok, f).unwrap())
+        .collect();
+    let c = &v["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap() as usize;
+    // Prompts start at 0, 8, 16, ... and need 8 + 4 tokens.
+    let prompts: usize = texts.iter().map(|t| (t.len() - 12) / 8 + 1).sum();
+    assert_eq!(n("prompts"), prompts, "{stdout}");
+    assert_eq!(
+        n("both_right") + n("engram_only") + n("host_only") + n("neither"),
+        prompts
+    );
+    assert!(n("engram_only") > n("host_only"), "{stdout}");
+    let examples = v["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 3, "{stdout}");
+    let ids = |e: &serde_json::Value, k: &str| -> Vec<u32> {
+        e[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    for e in examples {
+        let f = files
+            .iter()
+            .position(|p| p.file_name().unwrap().to_str() == e["file"].as_str())
+            .unwrap();
+        let at = e["token_offset"].as_u64().unwrap() as usize;
+        assert_eq!(at % 8, 0);
+        assert_eq!(ids(e, "prompt_ids"), texts[f][at..at + 8]);
+        assert_eq!(ids(e, "engram_ids"), texts[f][at + 8..at + 12]);
+        assert_ne!(ids(e, "host_ids"), texts[f][at + 8..at + 12]);
+        assert_eq!(ids(e, "host_ids").len(), 4);
+    }
 }
