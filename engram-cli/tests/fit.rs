@@ -164,10 +164,7 @@ fn eval_on(model: &Path, files: &[PathBuf], no_engram: bool) -> engram_cli::fit:
 #[test]
 fn step_zero_is_the_host_exactly() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_model(tmp.path());
-    let files = corpus(tmp.path(), 2, 200);
-    let out = tmp.path().join("fit0");
-    fit(&args(&model, &files, &out, 0)).unwrap();
+    let (_, files, out) = fitted(tmp.path(), 2, 200, 0);
     let with = eval_on(&out, &files, false);
     let without = eval_on(&out, &files, true);
     assert!(with.engram && !without.engram);
@@ -525,4 +522,115 @@ fn greedy_examples_reports_counts_and_examples_that_hold() {
         assert_ne!(ids(e, "host_ids"), texts[f][at + 8..at + 12]);
         assert_eq!(ids(e, "host_ids").len(), 4);
     }
+}
+
+/// `engram fit ARGS` as a child process whose files may not grow past `max_bytes`
+/// (RLIMIT_FSIZE, with SIGXFSZ ignored so that a write past it fails with EFBIG, as a
+/// write to a full disk fails with ENOSPC): (exit code, stderr).
+fn fit_with_file_size_limit(a: &FitArgs, max_bytes: u64) -> (i32, String) {
+    use std::os::unix::process::CommandExt;
+    let s = |v: &dyn ToString| v.to_string();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_engram"));
+    cmd.arg("fit")
+        .arg("--model")
+        .arg(&a.model)
+        .arg("--out")
+        .arg(&a.out)
+        .arg("--corpus")
+        .args(&a.corpus)
+        .args([
+            "--layers",
+            &s(&a.layers[0]),
+            "--max-ngram",
+            &s(&a.max_ngram),
+        ])
+        .args(["--heads", &s(&a.heads), "--n-embed-per-ngram"])
+        .args([s(&a.n_embed_per_ngram), "--vocab".into(), s(&a.vocab)])
+        .args(["--seed", &s(&a.seed), "--window", &s(&a.window)])
+        .args(["--batch", &s(&a.batch), "--steps", &s(&a.steps)])
+        .args(["--lr", &s(&a.lr), "--table-lr", &s(&a.table_lr)])
+        .args(["--table-init", &s(&a.table_init), "--save-every"])
+        .args([s(&a.save_every), "--quiet".into()]);
+    // SAFETY: setrlimit and signal are async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: max_bytes,
+                rlim_max: max_bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().expect("exited, not killed by SIGXFSZ"),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+/// A save that fails for want of space is an error naming the file, leaves no checkpoint
+/// under the final name, and the same command run again (with room) ends with the
+/// checkpoint an undisturbed fit writes; so does a fit whose last write fails after its
+/// state was saved.
+#[test]
+fn a_failed_save_is_a_clear_error_and_a_later_run_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, files, whole) = fitted(tmp.path(), 1, 200, 12);
+    let bytes = |d: &Path| fs::read(d.join(ENGRAM_FILE)).unwrap();
+
+    // The first state file (the table alone is about 0.5 MB) cannot be written.
+    let out = tmp.path().join("out");
+    let a = args(&model, &files, &out, 12);
+    let (code, stderr) = fit_with_file_size_limit(&a, 16 * 1024);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("cannot write") && stderr.contains("fit-state-10.safetensors.partial"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("File too large"), "{stderr}");
+    assert!(!out.exists());
+    fit(&a).unwrap();
+    assert!(
+        bytes(&whole) == bytes(&out),
+        "the fit after a failed save differs"
+    );
+    assert!(!partial_dir(&out).exists());
+    // A `.partial` directory with files a fit does not write is not cleared.
+    let foreign = tmp.path().join("foreign");
+    fs::create_dir(partial_dir(&foreign)).unwrap();
+    fs::write(partial_dir(&foreign).join("notes.txt"), "mine").unwrap();
+    let err = fit(&args(&model, &files, &foreign, 12))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds no fit state") && err.contains("notes.txt"),
+        "{err}"
+    );
+    assert!(partial_dir(&foreign).join("notes.txt").exists());
+
+    // The state saved at step 10, then the checkpoint file cannot be written (a directory
+    // stands in its temporary name's way).
+    let late = tmp.path().join("late");
+    let mut b = args(&model, &files, &late, 12);
+    b.stop_after = Some(11);
+    fit(&b).unwrap_err();
+    b.stop_after = None;
+    let obstacle = partial_dir(&late).join("engram.safetensors.partial");
+    fs::create_dir(&obstacle).unwrap();
+    let err = format!("{:#}", fit(&b).unwrap_err());
+    assert!(
+        err.contains("cannot write") && err.contains("engram.safetensors.partial"),
+        "{err}"
+    );
+    assert!(!late.exists());
+    fs::remove_dir(&obstacle).unwrap();
+    fit(&b).unwrap();
+    assert!(
+        bytes(&whole) == bytes(&late),
+        "the fit after a failed last write differs"
+    );
 }
