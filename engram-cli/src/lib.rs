@@ -7,8 +7,9 @@
 //! `check-trace` (a host's Engram trace against the reference forward), `bench-disk`
 //! (the disk tier's ways of reading rows, cold and warm), `cache-replay` (the hot-row
 //! cache's hit rate against its size on real text), `upload` (a checkpoint's tables into
-//! a Redis Cluster), `fit` (Engram layers fitted to text on a frozen host model) and
-//! `eval` (perplexity and next-token accuracy on text, with and without Engram).
+//! a Redis Cluster), `fit` (Engram layers fitted to text on a frozen host model),
+//! `eval` (perplexity and next-token accuracy on text, with and without Engram) and
+//! `greedy-examples` (greedy continuations of text with and without Engram).
 
 pub mod bench;
 pub mod bench_disk;

@@ -86,6 +86,10 @@ enum Command {
     /// The last position's logits of a token sequence through `fit`'s forward (raw f32),
     /// to compare with a host's `--dump-logits`.
     Logits(engram_cli::fit::eval::LogitsArgs),
+    /// Prompts cut from text files, continued greedily through `fit`'s forward with a
+    /// checkpoint's Engram layers and without: how often each continuation is the text's,
+    /// and the examples a stated rule picks where only Engram's is (docs/fit.md).
+    GreedyExamples(engram_cli::fit::greedy::GreedyArgs),
     /// Check a host's Engram trace (written with the runtime's `trace_dir`, or by the
     /// patched mistral.rs under ENGRAM_TRACE_DIR) against the reference forward on the
     /// same hidden states and ids. Exit code 1 when it does not match.
@@ -223,6 +227,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logits(args) => {
             let n = engram_cli::fit::eval::last_logits(&args)?;
             println!("wrote {} ({n} logits)", args.out.display());
+        }
+        Command::GreedyExamples(args) => {
+            let report = engram_cli::fit::greedy::greedy_examples(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.to_text());
+            }
         }
         Command::CacheReplay(args) => {
             let report = engram_cli::cache_replay::cache_replay(&args)?;

@@ -12,6 +12,13 @@
 //! measured on those files and on the held-out files of at most 16 KiB (an evaluation
 //! runs the whole model at about 270 tokens/s here). The fitted checkpoint is cached
 //! under the model's cache like the demo's.
+//!
+//! Then greedy before/after (`engram greedy-examples`, its rule stated in docs/fit.md):
+//! prompts of 32 tokens from every file fitted on and from the held-out files, 8 tokens
+//! generated with the fitted Engram and without; the counts of which continuation is the
+//! text's and the examples the rule picks, printed and written to
+//! docs/results/fit-examples.json. `--examples-only` does just that step (and the fit,
+//! when it is not cached).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -36,6 +43,15 @@ const FIT_ARGS: &[&str] = &[
 /// The checkpoint directory's name, under the cache root; a change of `FIT_ARGS` or of
 /// the file rule needs a new name.
 const CHECKPOINT: &str = "smollm2-135m-fitted-l25-s40";
+/// `engram greedy-examples`' settings: prompt and continuation lengths, examples shown.
+const GREEDY_ARGS: &[&str] = &[
+    "--prompt-tokens",
+    "32",
+    "--new-tokens",
+    "8",
+    "--examples",
+    "3",
+];
 /// Files smaller than this are in no set.
 const MIN_BYTES: u64 = 2048;
 /// Files larger than this are not evaluated on.
@@ -57,6 +73,13 @@ pub struct FitDemoArgs {
     /// Decode-speed runs per mode (alternating Engram on, off); the best of each counts.
     #[arg(long, default_value_t = 2)]
     repeats: usize,
+    /// Where to write the greedy before/after examples.
+    #[arg(long, default_value = "docs/results/fit-examples.json")]
+    examples_out: PathBuf,
+    /// Only the greedy before/after examples (after the fit, if it is not cached): no
+    /// evaluation, no host, fit.json left as it is.
+    #[arg(long)]
+    examples_only: bool,
 }
 
 /// Largest relative difference (L2) the host's logits may have from `engram logits`.
@@ -261,6 +284,15 @@ pub fn run(args: FitDemoArgs) -> Result<()> {
             bail!("engram fit failed ({status})");
         }
     }
+    if args.examples_only {
+        return greedy_examples(
+            &engram,
+            &checkpoint,
+            &fit_files,
+            &heldout,
+            &args.examples_out,
+        );
+    }
     let record: Value = serde_json::from_str(
         &fs::read_to_string(checkpoint.join("fit.json")).context("the fit's fit.json")?,
     )?;
@@ -335,5 +367,69 @@ pub fn run(args: FitDemoArgs) -> Result<()> {
         );
     }
     println!("wrote {}", args.out.display());
+    greedy_examples(
+        &engram,
+        &checkpoint,
+        &fit_files,
+        &heldout,
+        &args.examples_out,
+    )
+}
+
+/// `engram greedy-examples` on the files fitted on and on the held-out ones: prints the
+/// counts and the before/after of the examples, writes them with provenance to `out`.
+fn greedy_examples(
+    engram: &Path,
+    checkpoint: &Path,
+    fit_files: &[PathBuf],
+    heldout: &[PathBuf],
+    out: &Path,
+) -> Result<()> {
+    let provenance = crate::provenance::provenance();
+    let run = |files: &[PathBuf], what: &str| -> Result<Value> {
+        let mut cmd = Command::new(engram);
+        cmd.arg("greedy-examples")
+            .arg("--model")
+            .arg(checkpoint)
+            .args(GREEDY_ARGS)
+            .arg("--json")
+            .args(files);
+        run_json(&mut cmd, what)
+    };
+    let fitted = run(fit_files, "greedy examples: the files fitted on")?;
+    let heldout = run(heldout, "greedy examples: held-out files")?;
+    let mut result = json!({
+        "model": "SmolLM2-135M-Instruct",
+        "checkpoint": checkpoint,
+        "settings": GREEDY_ARGS,
+        "fitted_files": fitted,
+        "heldout_files": heldout,
+    });
+    crate::provenance::stamp(&mut result, provenance);
+    e2e::write_json(out, &result)?;
+    for (name, v) in [("files fitted on", &fitted), ("held-out files", &heldout)] {
+        let c = &v["counts"];
+        println!(
+            "\ngreedy, {name}: {} prompts; the text's next {} tokens with Engram and without {}, \
+             with Engram only {}, without only {}, neither {}",
+            c["prompts"],
+            v["new_tokens"],
+            c["both_right"],
+            c["engram_only"],
+            c["host_only"],
+            c["neither"]
+        );
+        for e in v["examples"].as_array().into_iter().flatten() {
+            println!(
+                "\n{} (token {}):\n  prompt:      {}\n  with Engram: {}\n  host alone:  {}",
+                e["file"].as_str().unwrap_or_default(),
+                e["token_offset"],
+                e["prompt"],
+                e["engram"],
+                e["host"]
+            );
+        }
+    }
+    println!("wrote {}", out.display());
     Ok(())
 }

@@ -80,8 +80,9 @@ enum Task {
     /// mistral.rs host: text, tokens/s of both, lookup stats.
     Demo(demo::DemoArgs),
     /// Fits an Engram adapter to the Python 3.11 library docs on frozen SmolLM2 (cached),
-    /// then perplexity on fitted and held-out files with and without it: writes
-    /// docs/results/fit.json (docs/fit.md).
+    /// then perplexity on fitted and held-out files with and without it, and greedy
+    /// before/after examples: writes docs/results/fit.json and fit-examples.json
+    /// (docs/fit.md).
     FitDemo(fit_demo::FitDemoArgs),
     /// End-to-end checks through the patched mistral.rs host (identity with a zero-value
     /// checkpoint, KV cache vs recompute, concurrent vs single, greedy-id snapshot).

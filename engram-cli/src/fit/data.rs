@@ -50,22 +50,7 @@ pub fn load_windows(tok: &Tokenizer, files: &[PathBuf], window: usize) -> Result
     }
     let mut windows = Vec::new();
     for f in files {
-        let bytes = fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not UTF-8 text (invalid byte at offset {})",
-                f.display(),
-                e.utf8_error().valid_up_to()
-            )
-        })?;
-        if text.trim().is_empty() {
-            bail!("{}: empty", f.display());
-        }
-        let ids = tok
-            .encode(text.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", f.display()))?
-            .get_ids()
-            .to_vec();
+        let ids = tokenize_file(tok, f)?;
         if ids.len() < window + 1 {
             bail!(
                 "{}: {} tokens, fewer than one window of {} (--window {window})",
@@ -85,4 +70,25 @@ pub fn load_windows(tok: &Tokenizer, files: &[PathBuf], window: usize) -> Result
         files: files.len(),
         window,
     })
+}
+
+/// The token ids of a text file (no special tokens); a file that is not UTF-8 or is empty
+/// is an error naming it.
+pub fn tokenize_file(tok: &Tokenizer, f: &Path) -> Result<Vec<u32>> {
+    let bytes = fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            f.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.trim().is_empty() {
+        bail!("{}: empty", f.display());
+    }
+    Ok(tok
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("{}: cannot tokenize: {e}", f.display()))?
+        .get_ids()
+        .to_vec())
 }

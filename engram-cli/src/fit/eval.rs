@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::checkpoint::load_layers;
 use super::data::{load_windows, model_tokenizer};
 use super::llama::Llama;
-use super::model::{correct, ids_tensor, logits_from, token_nll, EngramParts};
+use super::model::{correct, hidden_of, token_nll, EngramParts};
 use crate::init_checkpoint::ENGRAM_FILE;
 
 /// What `engram eval` takes.
@@ -92,14 +92,7 @@ fn forward(
     engram: Option<&EngramParts>,
     inputs: &[&[u32]],
 ) -> Result<candle_core::Tensor> {
-    let x = llama.embed(&ids_tensor(inputs)?)?;
-    match engram {
-        Some(parts) => {
-            let gathered = parts.gather(inputs)?;
-            logits_from(llama, 0, x, Some((parts, &gathered)))
-        }
-        None => logits_from(llama, 0, x, None),
-    }
+    llama.head(&hidden_of(llama, engram, inputs)?)
 }
 
 pub fn eval(args: &EvalArgs) -> Result<EvalReport> {

@@ -95,6 +95,17 @@ pub fn ids_tensor(inputs: &[&[u32]]) -> Result<Tensor> {
 pub fn logits_from(
     llama: &Llama,
     start: usize,
+    x: Tensor,
+    engram: Option<(&EngramParts, &[Gathered])>,
+) -> Result<Tensor> {
+    llama.head(&hidden_from(llama, start, x, engram)?)
+}
+
+/// The last block's output `[B, T, hidden]` (before the final norm and the LM head) from
+/// hidden states `x` entering block `start`, with Engram where given.
+pub fn hidden_from(
+    llama: &Llama,
+    start: usize,
     mut x: Tensor,
     engram: Option<(&EngramParts, &[Gathered])>,
 ) -> Result<Tensor> {
@@ -110,7 +121,20 @@ pub fn logits_from(
         }
         x = llama.block(i, &x, &rope)?;
     }
-    llama.head(&x)
+    Ok(x)
+}
+
+/// [`hidden_from`] of inputs `[B][T]` from the token embeddings up, with `engram`'s
+/// layers (their rows gathered for these inputs) where given.
+pub fn hidden_of(llama: &Llama, engram: Option<&EngramParts>, inputs: &[&[u32]]) -> Result<Tensor> {
+    let x = llama.embed(&ids_tensor(inputs)?)?;
+    match engram {
+        Some(parts) => {
+            let gathered = parts.gather(inputs)?;
+            hidden_from(llama, 0, x, Some((parts, &gathered)))
+        }
+        None => hidden_from(llama, 0, x, None),
+    }
 }
 
 /// Hidden states entering block `upto` (the host alone: no Engram layer lies below it).

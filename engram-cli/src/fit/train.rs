@@ -211,10 +211,7 @@ pub fn fit(args: &FitArgs) -> Result<FitReport> {
         (saved.step, saved.losses)
     } else {
         if partial.exists() {
-            bail!(
-                "{} exists but holds no fit state; remove it",
-                partial.display()
-            );
+            clear_unsaved(&partial)?;
         }
         fs::create_dir_all(&partial)
             .with_context(|| format!("cannot create {}", partial.display()))?;
@@ -317,6 +314,34 @@ pub fn fit(args: &FitArgs) -> Result<FitReport> {
         )
     })?;
     Ok(report)
+}
+
+/// An `OUT.partial` with no saved state is what a fit leaves that stopped (a full disk, a
+/// kill) before its first state was saved: nothing in it but a state file being written
+/// (`fit-state*`). Those files are removed, so the fit starts over; anything else is
+/// refused, as the directory may not be a fit's.
+fn clear_unsaved(partial: &Path) -> Result<()> {
+    let entries: Vec<PathBuf> = fs::read_dir(partial)
+        .with_context(|| format!("cannot list {}", partial.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    let ours = |p: &PathBuf| {
+        p.is_file()
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("fit-state"))
+    };
+    if let Some(other) = entries.iter().find(|p| !ours(p)) {
+        bail!(
+            "{} exists but holds no fit state (and {}, which a fit does not write before its first saved state); remove it",
+            partial.display(),
+            other.display()
+        );
+    }
+    for p in entries {
+        fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
+    Ok(())
 }
 
 fn init_layers(parts: &mut EngramParts, args: &FitArgs) {
