@@ -245,7 +245,12 @@ impl EngramRuntime {
                 .ok_or_else(|| {
                     PluginError::Engram(EngramError::file(
                         location,
-                        format!("no tensor named `{prefix}*` in {} safetensors file(s): Engram layer {} has no weights", files.len(), layout.layer_id),
+                        format!(
+                            "no tensor named `{prefix}*` in {}: Engram layer {} has no weights \
+                             (a checkpoint keeps them in engram.safetensors beside config.json)",
+                            file_names(&files),
+                            layout.layer_id
+                        ),
                     ))
                 })?;
             let weights = {
@@ -344,6 +349,18 @@ fn cuda_layer(
 }
 
 /// The directory and the safetensors files at `location`.
+/// The file names of `files`, comma-separated, for messages.
+fn file_names(files: &[PathBuf]) -> String {
+    if files.is_empty() {
+        return "no safetensors file".into();
+    }
+    files
+        .iter()
+        .map(|f| f.file_name().unwrap_or(f.as_os_str()).to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn weight_files(location: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     let io = |e: std::io::Error| PluginError::Engram(EngramError::file(location, e));
     if location.is_dir() {

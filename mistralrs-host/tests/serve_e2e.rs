@@ -6,12 +6,11 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+use common::serve::{last_stats_line, openai_client, setup, Server, Setup};
 
 /// Prompts sent one after another (never batched: see docs/mistralrs.md on the upstream
 /// same-length batched-prefill bug on the CPU).
@@ -21,165 +20,6 @@ const PROMPTS: [&str; 2] = [
 ];
 /// For the completion endpoint (no chat template): a text to continue.
 const COMPLETION_PROMPT: &str = "Once upon a time, there was a";
-
-struct Setup {
-    /// `mistralrs` (mistralrs-cli) built with the `engram` feature.
-    cli: PathBuf,
-    /// Where `pip install --target` put the `openai` package.
-    pythonpath: PathBuf,
-    model: PathBuf,
-    zero: PathBuf,
-    seeded: PathBuf,
-    strong: PathBuf,
-    max_tokens: usize,
-    scratch: PathBuf,
-}
-
-fn setup() -> Setup {
-    let var = common::env_path;
-    let scratch = common::scratch();
-    Setup {
-        cli: var("ENGRAM_E2E_MISTRALRS"),
-        pythonpath: var("ENGRAM_E2E_PYTHONPATH"),
-        model: var("ENGRAM_E2E_MODEL"),
-        zero: var("ENGRAM_E2E_ZERO"),
-        seeded: var("ENGRAM_E2E_SEEDED"),
-        strong: var("ENGRAM_E2E_STRONG"),
-        max_tokens: common::max_tokens(),
-        scratch,
-    }
-}
-
-/// A running `mistralrs serve`, killed when dropped. Its output goes to `log`.
-struct Server {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `mistralrs serve` on `model` (a directory) on a free loopback port and waits
-    /// until it listens (it binds its port only once the model is loaded).
-    fn start(s: &Setup, model: &Path, name: &str) -> Server {
-        Self::start_with(s, model, name, &[])
-    }
-
-    /// [`Server::start`] with `extra` options for `mistralrs serve` (`--isq q4k`).
-    fn start_with(s: &Setup, model: &Path, name: &str, extra: &[&str]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let log = s.scratch.join(format!("serve-{name}-{port}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(&s.cli)
-            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--cpu", "--dtype", "f32"])
-            .args(extra)
-            .arg("-m")
-            .arg(model)
-            // Engram's lookup stats as a log line every second (when they changed).
-            .env("ENGRAM_STATS_INTERVAL", "1")
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", s.cli.display()));
-        let mut server = Server { child, port, log };
-        server.wait_listening(Duration::from_secs(600));
-        server
-    }
-
-    fn wait_listening(&mut self, limit: Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "mistralrs serve exited ({status}) before listening:\n{}",
-                    self.log_text()
-                );
-            }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            assert!(
-                started.elapsed() < limit,
-                "mistralrs serve did not listen within {limit:?}:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sends `requests` one after another through `tests/openai_client.py`; returns its JSON.
-fn openai_client(s: &Setup, server: &Server, requests: &Value) -> Value {
-    let script = std::env::var_os("ENGRAM_E2E_OPENAI_CLIENT")
-        .map(PathBuf::from)
-        .expect("ENGRAM_E2E_OPENAI_CLIENT is not set: run with `cargo xtask mistralrs-test`");
-    let mut child = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
-        .arg(&script)
-        .arg(server.base_url())
-        .env("PYTHONPATH", &s.pythonpath)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    serde_json::to_writer(child.stdin.take().unwrap(), requests).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the openai client failed ({}):\n{}\nserver log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// The rows and live sequences of the server's last `Engram stats` line, waiting up to
-/// 10 s for one written after the requests (the line comes every second when they changed).
-fn last_stats_line(server: &Server) -> (u64, u64) {
-    let number_before = |line: &str, what: &str| -> u64 {
-        let head = &line[..line
-            .find(what)
-            .unwrap_or_else(|| panic!("no {what:?} in {line}"))];
-        head.split_whitespace().last().unwrap().parse().unwrap()
-    };
-    let started = Instant::now();
-    loop {
-        let log = server.log_text();
-        let line = log.lines().rev().find(|l| l.contains("Engram stats"));
-        if let Some(line) = line {
-            let (steps, rows) = (number_before(line, " steps"), number_before(line, " rows"));
-            // The warm-up request at load is one step; the requests made many more.
-            if steps > 1 {
-                return (rows, number_before(line, " live sequences"));
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no Engram stats line after the requests:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
 
 fn chat_requests(s: &Setup, logprobs: bool) -> Value {
     PROMPTS

@@ -327,38 +327,25 @@ pub fn test(args: TestArgs) -> Result<()> {
         other => bail!("--reference {other:?}: pristine or no-engram"),
     };
     let root = root();
-    let build = root.join("target").join("mistralrs-build");
-    let scratch = build.join("e2e-scratch");
-    let _ = fs::remove_dir_all(&scratch);
-    fs::create_dir_all(&scratch)?;
-    let mut cmd = Command::new(env!("CARGO"));
-    cmd.arg("test")
-        .arg("--manifest-path")
-        .arg(build.join("host").join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(build.join("target"))
-        .args(["--test", "engram_e2e", "--test", "serve_e2e", "--"])
-        .args(&args.test_args)
-        .env("ENGRAM_E2E_MISTRALRS", &mistralrs)
-        .env("ENGRAM_E2E_PYTHONPATH", &openai)
-        .env(
-            "ENGRAM_E2E_OPENAI_CLIENT",
-            root.join("mistralrs-host")
-                .join("tests")
-                .join("openai_client.py"),
-        )
-        .env("ENGRAM_E2E_ENGRAM", &engram)
-        .env("ENGRAM_E2E_MODEL", &model)
-        .env("ENGRAM_E2E_GGUF", &gguf)
-        .env("ENGRAM_E2E_ZERO", &zero)
-        .env("ENGRAM_E2E_SEEDED", &seeded)
-        .env("ENGRAM_E2E_STRONG", &strong)
+    let scratch = e2e_scratch()?;
+    let tests = ["engram_e2e", "serve_e2e", "serve_load", "serve_bad_input"];
+    let paths = E2ePaths {
+        engram,
+        model: model.clone(),
+        mistralrs,
+        openai,
+        zero,
+        seeded,
+        strong,
+        scratch: scratch.clone(),
+    };
+    let mut cmd = host_test_command(&paths, &tests, &args.test_args);
+    cmd.env("ENGRAM_E2E_GGUF", &gguf)
         .env(
             "ENGRAM_E2E_TINY_ROOT",
             model.parent().context("model directory without a parent")?,
         )
         .env("ENGRAM_E2E_MAX_TOKENS", args.max_tokens.to_string())
-        .env("ENGRAM_E2E_SCRATCH", &scratch)
         .env(
             "ENGRAM_E2E_SNAPSHOTS",
             root.join("mistralrs-host").join("tests").join("snapshots"),
@@ -377,6 +364,63 @@ pub fn test(args: TestArgs) -> Result<()> {
         bail!("the mistral.rs end-to-end checks failed ({status})");
     }
     Ok(())
+}
+
+/// What the host's test binaries read from `ENGRAM_E2E_*` variables (see
+/// `mistralrs-host/tests/common/`).
+pub struct E2ePaths {
+    pub engram: PathBuf,
+    pub model: PathBuf,
+    pub mistralrs: PathBuf,
+    pub openai: PathBuf,
+    pub zero: PathBuf,
+    pub seeded: PathBuf,
+    pub strong: PathBuf,
+    pub scratch: PathBuf,
+}
+
+/// `target/mistralrs-build/e2e-scratch`, emptied.
+pub fn e2e_scratch() -> Result<PathBuf> {
+    let scratch = root()
+        .join("target")
+        .join("mistralrs-build")
+        .join("e2e-scratch");
+    let _ = fs::remove_dir_all(&scratch);
+    fs::create_dir_all(&scratch)?;
+    Ok(scratch)
+}
+
+/// `cargo test` of the host workspace's test binaries `tests`, with `test_args` for them
+/// and `paths` in their `ENGRAM_E2E_*` variables.
+pub fn host_test_command(paths: &E2ePaths, tests: &[&str], test_args: &[String]) -> Command {
+    let build = root().join("target").join("mistralrs-build");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.arg("test")
+        .arg("--manifest-path")
+        .arg(build.join("host").join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(build.join("target"));
+    for t in tests {
+        cmd.args(["--test", t]);
+    }
+    cmd.arg("--")
+        .args(test_args)
+        .env("ENGRAM_E2E_MISTRALRS", &paths.mistralrs)
+        .env("ENGRAM_E2E_PYTHONPATH", &paths.openai)
+        .env(
+            "ENGRAM_E2E_OPENAI_CLIENT",
+            root()
+                .join("mistralrs-host")
+                .join("tests")
+                .join("openai_client.py"),
+        )
+        .env("ENGRAM_E2E_ENGRAM", &paths.engram)
+        .env("ENGRAM_E2E_MODEL", &paths.model)
+        .env("ENGRAM_E2E_ZERO", &paths.zero)
+        .env("ENGRAM_E2E_SEEDED", &paths.seeded)
+        .env("ENGRAM_E2E_STRONG", &paths.strong)
+        .env("ENGRAM_E2E_SCRATCH", &paths.scratch);
+    cmd
 }
 
 /// Builds `engram-mistralrs-host-pristine`: the same `src/main.rs` against the unmodified

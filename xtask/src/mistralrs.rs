@@ -384,6 +384,14 @@ fn host_workspace(root: &Path, build: &Path, patched: &Path, cuda: bool) -> Resu
             "path = \"tests/serve_e2e.rs\"",
             src.join("tests").join("serve_e2e.rs"),
         ),
+        (
+            "path = \"tests/serve_load.rs\"",
+            src.join("tests").join("serve_load.rs"),
+        ),
+        (
+            "path = \"tests/serve_bad_input.rs\"",
+            src.join("tests").join("serve_bad_input.rs"),
+        ),
         ("path = \"../engram-plugin\"", root.join("engram-plugin")),
     ] {
         if !manifest.contains(from) {
@@ -550,6 +558,8 @@ mod tests {
         assert!(manifest.contains("path = \"src/main.rs\""));
         assert!(manifest.contains("path = \"tests/engram_e2e.rs\""));
         assert!(manifest.contains("path = \"tests/serve_e2e.rs\""));
+        assert!(manifest.contains("path = \"tests/serve_load.rs\""));
+        assert!(manifest.contains("path = \"tests/serve_bad_input.rs\""));
         assert!(manifest.contains("path = \"../engram-plugin\""));
         assert!(manifest.contains("features = [\"engram\"]"));
     }

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod serve;
+
 /// The path in `name`; a test run outside `cargo xtask mistralrs-test` stops here, saying so.
 pub fn env_path(name: &str) -> PathBuf {
     std::env::var_os(name)
