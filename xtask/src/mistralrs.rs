@@ -493,6 +493,7 @@ mod tests {
             files,
             [
                 "Cargo.toml",
+                "src/engine/mod.rs",
                 "src/engram.rs",
                 "src/lib.rs",
                 "src/pipeline/gguf.rs",
@@ -503,7 +504,8 @@ mod tests {
         assert!(text.contains(PLUGIN_PLACEHOLDER));
         assert!(text.contains("+engram = [\"dep:engram-plugin\"]"));
         // Outside the new module, only additions and the one line each pipeline (normal,
-        // GGUF) replaces.
+        // GGUF) replaces; the engine gets one match arm (a sequence that finished in its
+        // prompt step stays finished).
         let removed = text
             .lines()
             .filter(|l| l.starts_with('-') && !l.starts_with("---"))
