@@ -24,11 +24,9 @@
 //! an `ERROR` or a panic in the server's log); every answer that completes equal (text and
 //! finish reason) to the same request sent alone; every closed stream a prefix of it; the
 //! server's live Engram sequence states (its `Engram stats` log line) back to 0 after the
-//! run; its resident memory after all requests within 5% of after the first 100. The
-//! memory compared is `RssAnon` (the heap, where a leak would be), not all of `VmRSS`:
-//! VmRSS also counts the pages of the memory-mapped Engram tables the requests have read
-//! so far, which grow with every new n-gram (page cache, not a leak: 930 to 1014 MB VmRSS
-//! over 500 requests here, 2026-12-07). Both growths are reported.
+//! run; its resident memory (`VmRSS`) after all requests within 5% of after the first 100
+//! (`RssAnon` and `RssFile` are reported beside it). Close to the bound: two runs here
+//! (2026-12-07) grew 9.0% (failing) and 3.7% (RssAnon 4.4%, RssFile flat).
 //!
 //! `ENGRAM_E2E_LOAD_REQUESTS` (default 500) sets the number of requests, and
 //! `ENGRAM_E2E_LOAD_OUT` a file to write the figures to as JSON (`cargo xtask bench-e2e
@@ -213,10 +211,9 @@ fn serve_under_load_answers_as_alone_frees_engram_state_and_holds_memory() {
         "live Engram sequence states after the run: {live} (the stats line) should be 0"
     );
     assert!(
-        anon_growth <= RSS_GROWTH_MAX,
-        "resident anonymous memory grew {:.1}% from after {RSS_AFTER} requests to after \
-         {total} ({:#})",
-        anon_growth * 100.0,
-        figures
+        rss_growth <= RSS_GROWTH_MAX,
+        "resident memory (VmRSS) grew {:.1}% from after {RSS_AFTER} requests to after \
+         {total} ({figures:#})",
+        rss_growth * 100.0
     );
 }
