@@ -50,7 +50,7 @@ fn serve_fails_at_load_naming_missing_or_truncated_tables() {
         fs::write(to, &bytes[..(len / 2) as usize]).unwrap();
     });
     for (dir, what) in [(missing, "missing"), (truncated, "truncated")] {
-        let err = match Server::try_start_with(&s, &dir, what, &[]) {
+        let err = match Server::try_start_with(&s, &dir, what, &[], &[]) {
             Ok(server) => panic!(
                 "mistralrs serve loaded a checkpoint whose tables are {what}:\n{}",
                 server.log_text()

@@ -544,9 +544,19 @@ pub struct BenchArgs {
     /// `engram fit` wrote).
     #[arg(long)]
     checkpoint: Option<PathBuf>,
+    /// Benchmark mistral.rs's server instead (`mistralrs serve`): the load test's figures
+    /// and requests/s and tokens/s at each concurrency, Engram on and off; writes
+    /// docs/results/serve.json (docs/benchmarks-e2e.md).
+    #[arg(long)]
+    serve: bool,
+    #[command(flatten)]
+    serve_args: crate::bench_serve::ServeArgs,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.serve {
+        return crate::bench_serve::run(args.serve_args, args.release);
+    }
     let provenance = crate::provenance::provenance();
     let engram = ensure_cli(true)?;
     let model = ensure_model()?;

@@ -1,6 +1,7 @@
 //! `cargo xtask ...`: project tasks that are more than one cargo command.
 
 mod bench;
+mod bench_serve;
 mod bench_sharing;
 mod bench_store;
 mod bench_tables;

@@ -54,7 +54,18 @@ impl Server {
 
     /// [`Server::start`] with `extra` options for `mistralrs serve` (`--isq q4k`).
     pub fn start_with(s: &Setup, model: &Path, name: &str, extra: &[&str]) -> Server {
-        Self::try_start_with(s, model, name, extra).unwrap_or_else(|e| panic!("{e}"))
+        Self::try_start_with(s, model, name, extra, &[]).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Server::start_with`] with `env` set for the server (`ENGRAM_TABLES=ram`).
+    pub fn start_with_env(
+        s: &Setup,
+        model: &Path,
+        name: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
+        Self::try_start_with(s, model, name, extra, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// [`Server::start_with`], or what went wrong (with the server's output) when it exits
@@ -64,6 +75,7 @@ impl Server {
         model: &Path,
         name: &str,
         extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Result<Server, String> {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -80,6 +92,7 @@ impl Server {
             .arg(model)
             // Engram's lookup stats as a log line every second (when they changed).
             .env("ENGRAM_STATS_INTERVAL", "1")
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

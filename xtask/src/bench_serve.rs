@@ -1,0 +1,304 @@
+//! `cargo xtask bench-e2e --serve`: mistral.rs's own server (`mistralrs serve`, built with
+//! the `engram` feature) under load, Engram on and off, and the result file
+//! `docs/results/serve.json`:
+//!
+//! 1. the load test (`mistralrs-host/tests/serve_load.rs`, run through `cargo test` with
+//!    `ENGRAM_E2E_LOAD_OUT`): requests, server errors, answers that differ from the same
+//!    request alone, resident memory growth, live Engram sequences after the run;
+//! 2. throughput: requests/s and completion tokens/s at each concurrency (1, 8, 32 clients),
+//!    with the demo checkpoint (Engram on) and the plain model (off), each model format
+//!    in [`FORMATS`]. The client is the load test's (`serve_load_client.py`): every
+//!    distinct request alone first (warm-up, and each prompt's token length), then each
+//!    client sends, one at a time, requests of prompt lengths no other client has, so no
+//!    two same-length prompts are prefilled together (the upstream batched-prefill bug,
+//!    docs/mistralrs.md); every answer is checked against the request alone.
+
+use std::fs;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::e2e::{
+    e2e_scratch, ensure_checkpoint, ensure_cli, ensure_host_and_cli, ensure_model,
+    ensure_openai_client, host_test_command, root, write_json, E2ePaths, DEMO, SEEDED, STRONG,
+    ZERO,
+};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// Concurrent clients, each measured in turn.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Requests each client sends per measurement.
+    #[arg(long, default_value_t = 4)]
+    requests_per_client: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    serve_max_tokens: usize,
+    /// Requests of the load test (at least 100: memory is read after 100).
+    #[arg(long, default_value_t = 500)]
+    load_requests: usize,
+    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 120 load
+    /// requests. Writes nothing unless --out is given.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON object (default: docs/results/serve.json, none with --quick).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// How a model is given to `mistralrs serve`.
+#[derive(Clone, Copy, Debug)]
+enum Format {
+    /// A Hugging Face directory of safetensors (`mistralrs serve -m DIR`).
+    Safetensors,
+    // GGUF goes here: `mistralrs serve gguf -m DIR -f FILE.gguf`, the Engram checkpoint in
+    // DIR; give it a name in `name` and its arguments in `serve_args`.
+}
+
+/// The formats measured.
+const FORMATS: &[Format] = &[Format::Safetensors];
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+        }
+    }
+
+    /// `mistralrs serve` arguments after the global ones, for model directory `dir`.
+    fn serve_args(self, dir: &Path) -> Vec<String> {
+        match self {
+            Format::Safetensors => vec!["-m".into(), dir.display().to_string()],
+        }
+    }
+}
+
+/// A running `mistralrs serve`, killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(cli: &Path, args: &[String], log: PathBuf) -> Result<Server> {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let out = fs::File::create(&log)?;
+        let child = Command::new(cli)
+            .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--cpu", "--dtype", "f32"])
+            .args(args)
+            .env("ENGRAM_STATS_INTERVAL", "off")
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {}", cli.display()))?;
+        let mut server = Server { child, port, log };
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                bail!(
+                    "mistralrs serve {} exited ({status}) before listening:\n{}",
+                    args.join(" "),
+                    fs::read_to_string(&server.log).unwrap_or_default()
+                );
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                bail!("mistralrs serve {} did not listen in 600 s", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(server)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Distinct requests for the throughput runs: completion prompts of 40 token lengths (a
+/// sentence and 1 to 40 short words), each `max_tokens`.
+fn bench_requests(max_tokens: usize) -> Vec<Value> {
+    const WORDS: [&str; 10] = [
+        "red", "green", "blue", "sun", "rain", "tree", "stone", "bird", "road", "sea",
+    ];
+    (0..40)
+        .map(|i| {
+            let tail: Vec<&str> = (0..=i).map(|k| WORDS[k % WORDS.len()]).collect();
+            json!({"endpoint": "completion", "max_tokens": max_tokens,
+                   "prompt": format!("A story with these words: {}", tail.join(" "))})
+        })
+        .collect()
+}
+
+/// Runs the load client against `server` at `clients` concurrency; returns its figures.
+fn throughput(
+    server: &Server,
+    pythonpath: &Path,
+    clients: usize,
+    requests: &[Value],
+    total: usize,
+) -> Result<Value> {
+    let script = root()
+        .join("mistralrs-host")
+        .join("tests")
+        .join("serve_load_client.py");
+    let input = json!({
+        "pid": server.child.id(), "requests": requests, "total": total, "clients": clients,
+        "rss_after": total, "seed": 1, "cancel_every": 0, "disconnect_every": 0,
+        "timeout": 600, "whole_only": true,
+    });
+    let mut child = Command::new(crate::pypi::python())
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/v1", server.port))
+        .env("PYTHONPATH", pythonpath)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("cannot run python3")?;
+    serde_json::to_writer(child.stdin.take().context("stdin")?, &input)?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let secs = v["load_seconds"].as_f64().unwrap_or(0.0);
+    let answered = v["answered"].as_f64().unwrap_or(0.0);
+    let tokens = v["completion_tokens"].as_f64().unwrap_or(0.0);
+    Ok(json!({
+        "clients": clients,
+        "requests": v["requests"],
+        "seconds": secs,
+        "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
+        "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
+        "completion_tokens": tokens,
+        "errors": v["errors"].as_array().map_or(0, Vec::len),
+        "mismatches": v["mismatches"].as_array().map_or(0, Vec::len),
+    }))
+}
+
+pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
+    let provenance = crate::provenance::provenance();
+    if args.quick {
+        args.concurrency = vec![1, 8];
+        args.requests_per_client = 1;
+        args.serve_max_tokens = 4;
+        args.load_requests = 120;
+    }
+    if args.load_requests < 100 {
+        bail!("--load-requests {}: at least 100", args.load_requests);
+    }
+    let out_path = match (&args.out, args.quick) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => Some(root().join("docs").join("results").join("serve.json")),
+        (None, true) => None,
+    };
+    let engram = ensure_cli(true)?;
+    let model = ensure_model()?;
+    let mistralrs = ensure_host_and_cli(release)?;
+    let openai = ensure_openai_client()?;
+    let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
+    let paths = E2ePaths {
+        zero: ensure_checkpoint(&engram, &model, ZERO.0, ZERO.1)?,
+        seeded: ensure_checkpoint(&engram, &model, SEEDED.0, SEEDED.1)?,
+        strong: ensure_checkpoint(&engram, &model, STRONG.0, STRONG.1)?,
+        engram,
+        model: model.clone(),
+        mistralrs: mistralrs.clone(),
+        openai: openai.clone(),
+        scratch: e2e_scratch()?,
+    };
+
+    // 1. The load test, its figures written where it is told.
+    let load_out = paths.scratch.join("serve-load.json");
+    let started = Instant::now();
+    let mut cmd = host_test_command(&paths, &["serve_load"], &["--nocapture".into()]);
+    cmd.env("ENGRAM_E2E_LOAD_OUT", &load_out)
+        .env("ENGRAM_E2E_LOAD_REQUESTS", args.load_requests.to_string());
+    eprintln!(
+        "xtask: the serve load test ({} requests)",
+        args.load_requests
+    );
+    let status = cmd.status().context("cannot run cargo test")?;
+    let load: Value = serde_json::from_str(
+        &fs::read_to_string(&load_out)
+            .with_context(|| format!("the load test wrote no {}", load_out.display()))?,
+    )?;
+    if !status.success() {
+        eprintln!("xtask: the load test failed; its figures are recorded as they are");
+    }
+    eprintln!(
+        "xtask: load test done in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 2. Throughput, Engram on and off, per format and concurrency.
+    let requests = bench_requests(args.serve_max_tokens);
+    let mut runs = Vec::new();
+    let mut engram_cost_max = f64::MIN;
+    for &format in FORMATS {
+        let mut by_mode = Vec::new();
+        for (mode, dir) in [("engram_on", &demo), ("engram_off", &model)] {
+            let log = paths
+                .scratch
+                .join(format!("bench-{}-{mode}.log", format.name()));
+            let server = Server::start(&mistralrs, &format.serve_args(dir), log)?;
+            let mut rows = Vec::new();
+            for &c in &args.concurrency {
+                let row = throughput(&server, &openai, c, &requests, c * args.requests_per_client)?;
+                eprintln!("xtask: {} {mode} {c} clients: {row}", format.name());
+                rows.push(row);
+            }
+            by_mode.push(rows);
+        }
+        let mut per = Vec::new();
+        for (on, off) in by_mode[0].iter().zip(&by_mode[1]) {
+            let (a, b) = (
+                on["tokens_per_s"].as_f64().unwrap_or(0.0),
+                off["tokens_per_s"].as_f64().unwrap_or(0.0),
+            );
+            let cost = if b > 0.0 { 1.0 - a / b } else { f64::NAN };
+            engram_cost_max = engram_cost_max.max(cost);
+            per.push(json!({
+                "format": format.name(), "clients": on["clients"],
+                "engram_on": on, "engram_off": off, "engram_cost": cost,
+            }));
+        }
+        runs.extend(per);
+    }
+
+    let mut out = json!({
+        "requests": load["requests"],
+        "errors": load["errors"],
+        "mismatches": load["mismatches"],
+        "rss_growth": load["rss_growth"],
+        "live_sequences_after": load["live_sequences_after"],
+        "engram_cost_max": engram_cost_max,
+        "load_test": load,
+        "load_test_passed": status.success(),
+        "throughput": runs,
+        "model": "SmolLM2-135M-Instruct, f32, CPU, `mistralrs serve`",
+        "profile": if release { "release" } else { "debug (numeric crates opt-level 3)" },
+        "engram_on": "engram-demo (layers 1,15; orders 2-3; 8 heads; 512/order; vocab 646400; bf16 tables, mmap)",
+        "engram_off": "the plain model directory (no Engram config: no runtime opened)",
+        "load_checkpoint": "engram-seeded",
+        "max_tokens": args.serve_max_tokens,
+        "requests_per_client": args.requests_per_client,
+        "quick": args.quick,
+    });
+    crate::provenance::stamp(&mut out, provenance);
+    println!("{out}");
+    if let Some(path) = out_path {
+        write_json(&path, &out)?;
+        eprintln!("xtask: wrote {}", path.display());
+    }
+    Ok(())
+}
