@@ -25,10 +25,20 @@
 //! finish reason) to the same request sent alone; every closed stream a prefix of it; the
 //! server's live Engram sequence states (its `Engram stats` log line) back to 0 after the
 //! run; its resident memory (`VmRSS`) after all requests within 5% of after the first 100
-//! (`RssAnon` and `RssFile` are reported beside it). The server reads its Engram table into
-//! memory (`ENGRAM_TABLES=ram`, unless `ENGRAM_TABLES` is set): a memory-mapped table's
-//! pages become resident as new n-grams first touch them, page cache that grows VmRSS
-//! without a leak (two runs on the mapped table here, 2026-12-07, grew 9.0% and 3.7%).
+//! (`RssAnon` and `RssFile` are reported beside it). So that resident memory is live
+//! memory, the server runs with two settings (each overridden by the environment):
+//! - `ENGRAM_TABLES=ram`: the Engram table read into memory at load. A memory-mapped
+//!   table's pages become resident as new n-grams first touch them: page cache, not a leak
+//!   (two runs on the mapped table here, 2026-12-07, grew 9.0% and 3.7%).
+//! - `MALLOC_MMAP_THRESHOLD_=131072`: glibc then gives every allocation of 128 KiB or more
+//!   its own mapping, returned to the system when freed. By default the threshold rises
+//!   to the largest block freed so far, and later blocks that size (the engine's KV
+//!   caches, tensors) come from the heap, which keeps them when freed: the server's
+//!   RssAnon climbs in steps to a high-water mark, without Engram too (2026-12-07, this
+//!   client, `--max-seqs 1 --prefix-cache-n 0`: the plain model 616 MB before the run,
+//!   790 MB around request 100, 967 MB from about request 150 on; with Engram 823 MB after
+//!   100 and 965 MB after 500, test runs failing at 10.8% to 18.6%). With the fixed
+//!   threshold the same run held 707.5 MB RssAnon from request 100 to 500 (+0.04%).
 //!
 //! `ENGRAM_E2E_LOAD_REQUESTS` (default 500) sets the number of requests, and
 //! `ENGRAM_E2E_LOAD_OUT` a file to write the figures to as JSON (`cargo xtask bench-e2e
@@ -123,12 +133,17 @@ fn serve_under_load_answers_as_alone_frees_engram_state_and_holds_memory() {
     let started = Instant::now();
     let max_seqs = std::env::var("ENGRAM_E2E_LOAD_MAX_SEQS").unwrap_or_else(|_| MAX_SEQS.into());
     let tables = std::env::var("ENGRAM_TABLES").unwrap_or_else(|_| "ram".into());
+    let mmap_threshold =
+        std::env::var("MALLOC_MMAP_THRESHOLD_").unwrap_or_else(|_| "131072".into());
     let server = Server::start_with_env(
         &s,
         &s.seeded,
         "load",
         &["--max-seqs", &max_seqs],
-        &[("ENGRAM_TABLES", &tables)],
+        &[
+            ("ENGRAM_TABLES", &tables),
+            ("MALLOC_MMAP_THRESHOLD_", &mmap_threshold),
+        ],
     );
     assert!(
         server.log_text().contains("Engram: layers"),
@@ -180,6 +195,7 @@ fn serve_under_load_answers_as_alone_frees_engram_state_and_holds_memory() {
         "test_seconds": started.elapsed().as_secs_f64(),
         "max_seqs": max_seqs,
         "engram_tables": tables,
+        "malloc_mmap_threshold": mmap_threshold,
     });
     eprintln!("{figures:#}");
     if let Some(path) = std::env::var_os("ENGRAM_E2E_LOAD_OUT") {

@@ -39,10 +39,10 @@ pub struct ServeArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     serve_max_tokens: usize,
-    /// Requests of the load test (at least 200: memory is read after 200).
+    /// Requests of the load test (at least 100: memory is read after 100).
     #[arg(long, default_value_t = 500)]
     load_requests: usize,
-    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 220 load
+    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 120 load
     /// requests. Writes nothing unless --out is given.
     #[arg(long)]
     quick: bool,
@@ -228,10 +228,10 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         args.concurrency = vec![1, 8];
         args.requests_per_client = 1;
         args.serve_max_tokens = 4;
-        args.load_requests = 220;
+        args.load_requests = 120;
     }
-    if args.load_requests < 200 {
-        bail!("--load-requests {}: at least 200", args.load_requests);
+    if args.load_requests < 100 {
+        bail!("--load-requests {}: at least 100", args.load_requests);
     }
     let out_path = match (&args.out, args.quick) {
         (Some(p), _) => Some(p.clone()),
