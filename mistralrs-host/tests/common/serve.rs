@@ -54,7 +54,7 @@ impl Server {
 
     /// [`Server::start`] with `extra` options for `mistralrs serve` (`--isq q4k`).
     pub fn start_with(s: &Setup, model: &Path, name: &str, extra: &[&str]) -> Server {
-        Self::try_start_with(s, model, name, extra, &[]).unwrap_or_else(|e| panic!("{e}"))
+        Self::start_with_env(s, model, name, extra, &[])
     }
 
     /// [`Server::start_with`] with `env` set for the server (`ENGRAM_TABLES=ram`).
