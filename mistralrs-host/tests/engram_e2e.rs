@@ -13,13 +13,20 @@ use serde_json::Value;
 
 const POEM: &str = "Write a short poem about the sea.";
 const CAPITAL: &str = "What is the capital of France?";
-/// Prompts of different lengths: the engine batches sequences of one length only on the
-/// CPU, and mistral.rs 0.8.1 mixes up same-length batched prefills (upstream, with or
-/// without Engram), so the concurrency checks use three lengths.
+/// Prompts of different lengths: the engine steps them one length at a time, re-prefills
+/// some, and decodes them together once they have caught up.
 const PROMPTS: [&str; 3] = [
     "Hi.",
     CAPITAL,
     "Write a short poem about the sea, with rhymes, in four lines.",
+];
+
+/// Prompts of one token length: the engine prefills and decodes them as one batch from
+/// the first step (the default scheduler batches the sequences of one length).
+const SAME_LENGTH: [&str; 3] = [
+    CAPITAL,
+    "What is the capital of Spain?",
+    "What is the capital of Italy?",
 ];
 
 /// What `cargo xtask mistralrs-test` prepared.
@@ -264,19 +271,47 @@ fn kv_cache_decode_equals_recomputing_the_whole_sequence() {
     assert_kv_cache_equals_recompute(&s, &s.strong);
 }
 
-#[test]
-fn concurrent_requests_equal_the_same_requests_one_at_a_time() {
-    let s = setup();
-    let batch = run(&s.host, &s.strong, &PROMPTS, &[], &s);
-    assert_eq!(batch.logits.requests.len(), PROMPTS.len());
-    for (i, p) in PROMPTS.iter().enumerate() {
-        let single = run(&s.host, &s.strong, &[p], &[], &s);
+/// `prompts` sent at once to `host` on `model` against each prompt alone: same greedy
+/// ids, logits within 1e-4 relative. Returns the batched run.
+fn assert_batch_equals_each_alone(s: &Setup, host: &Path, model: &Path, prompts: &[&str]) -> Run {
+    let batch = run(host, model, prompts, &[], s);
+    assert_eq!(batch.logits.requests.len(), prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        let single = run(host, model, &[p], &[], s);
         let (x, y) = (&batch.logits.requests[i], &single.logits.requests[0]);
         let rel = max_rel_diff(&x.0, &y.0);
         eprintln!("[{i}] {} steps, max rel diff {rel:.3e}", y.0.len());
         assert_eq!(x.1, y.1, "prompt {i}: greedy ids differ");
         assert!(rel <= 1e-4, "prompt {i}: max rel logit diff {rel:.3e}");
     }
+    batch
+}
+
+#[test]
+fn concurrent_requests_equal_the_same_requests_one_at_a_time() {
+    let s = setup();
+    assert_batch_equals_each_alone(&s, &s.host, &s.strong, &PROMPTS);
+}
+
+/// Batched decode on the CPU: mistral.rs 0.8.1's single-query attention kernel kept one
+/// scratch for the whole batch, so every sequence of a batched decode step got the last
+/// one's attention (the plain model too); the patch gives each batch entry its own
+/// (`attention/backends/cpu.rs`, docs/mistralrs.md).
+#[test]
+fn same_length_prompts_batched_equal_each_alone() {
+    let s = setup();
+    let batch = assert_batch_equals_each_alone(&s, &s.host, &s.strong, &SAME_LENGTH);
+    let lengths: Vec<u64> = (0..SAME_LENGTH.len())
+        .map(|i| {
+            batch.summary["outputs"][i]["prompt_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        lengths.iter().all(|&n| n == lengths[0]),
+        "the prompts must have one token length to be batched: {lengths:?}"
+    );
 }
 
 /// The host run on `strong` with `ENGRAM_TRACE_DIR`, its trace checked by `engram

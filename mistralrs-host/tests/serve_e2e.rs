@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use common::serve::{last_stats_line, openai_client, setup, Server, Setup};
 
-/// Prompts sent one after another (never batched: see docs/mistralrs.md on the upstream
-/// same-length batched-prefill bug on the CPU).
+/// Prompts sent one after another: these checks compare single requests (batching is the
+/// load test's, `serve_load.rs`).
 const PROMPTS: [&str; 2] = [
     "What is the capital of France?",
     "Write a short poem about the sea.",
