@@ -7,11 +7,12 @@
 //!    request alone, resident memory growth, live Engram sequences after the run;
 //! 2. throughput: requests/s and completion tokens/s at each concurrency (1, 8, 32 clients),
 //!    with the demo checkpoint (Engram on) and the plain model (off), each model format
-//!    in [`FORMATS`]. The client is the load test's (`serve_load_client.py`): every
-//!    distinct request alone first (warm-up, and each prompt's token length), then each
-//!    client sends, one at a time, requests of prompt lengths no other client has, so no
-//!    two same-length prompts are prefilled together (the upstream batched-prefill bug,
-//!    docs/mistralrs.md); every answer is checked against the request alone.
+//!    in `--formats` (both by default), both servers up and the rounds alternating. The
+//!    client is the load test's (`serve_load_client.py`): every distinct request alone
+//!    first (warm-up), then each client sends one request at a time, drawn from all of
+//!    them, so the engine batches same-length prompts and interleaves the others as it
+//!    likes (right since the patch's fix of the CPU decode attention, docs/mistralrs.md);
+//!    every answer is checked against the request alone.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -36,13 +37,24 @@ pub struct ServeArgs {
     /// Requests each client sends per measurement.
     #[arg(long, default_value_t = 4)]
     requests_per_client: usize,
+    /// Model formats measured (`safetensors`, `gguf`).
+    #[arg(long, value_delimiter = ',', default_value = "safetensors,gguf")]
+    formats: Vec<Format>,
+    /// Fewest requests per measurement (one client sending 4 requests of 32 tokens is a
+    /// few seconds: too short to compare on and off).
+    #[arg(long, default_value_t = 16)]
+    min_requests: usize,
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     serve_max_tokens: usize,
+    /// Measurements of each point, Engram on and off alternating (both servers stay up,
+    /// the idle one waiting), so that drift of the machine falls on both alike.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
     /// Requests of the load test (at least 100: memory is read after 100).
     #[arg(long, default_value_t = 500)]
     load_requests: usize,
-    /// A smoke run: concurrency 1 and 8, 1 request per client, 4 tokens, 120 load
+    /// A smoke run: concurrency 1 and 8, 1 request per client, 1 round, 4 tokens, 120 load
     /// requests. Writes nothing unless --out is given.
     #[arg(long)]
     quick: bool,
@@ -52,7 +64,7 @@ pub struct ServeArgs {
 }
 
 /// How a model is given to `mistralrs serve`.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 enum Format {
     /// A Hugging Face directory of safetensors (`mistralrs serve -m DIR`).
     Safetensors,
@@ -60,9 +72,6 @@ enum Format {
     /// Engram checkpoint's files beside it in DIR for Engram on, alone for off.
     Gguf,
 }
-
-/// The formats measured.
-const FORMATS: &[Format] = &[Format::Safetensors, Format::Gguf];
 
 impl Format {
     fn name(self) -> &'static str {
@@ -191,7 +200,7 @@ fn throughput(
     let input = json!({
         "pid": server.child.id(), "requests": requests, "total": total, "clients": clients,
         "rss_after": total, "seed": 1, "cancel_every": 0, "disconnect_every": 0,
-        "timeout": 600, "whole_only": true,
+        "timeout": 600, "whole_only": true, "lengths_apart": false,
     });
     let mut child = Command::new(crate::pypi::python())
         .arg(&script)
@@ -222,11 +231,45 @@ fn throughput(
     }))
 }
 
+/// Requests of one measurement at `clients` concurrency.
+fn total_requests(args: &ServeArgs, clients: usize) -> usize {
+    (clients * args.requests_per_client).max(args.min_requests)
+}
+
+/// The rounds of one point as one: tokens and requests over the seconds of all rounds, and
+/// each round's tokens/s beside.
+fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
+    let sum = |k: &str| {
+        rounds
+            .iter()
+            .map(|r| r[k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let (secs, tokens) = (sum("seconds"), sum("completion_tokens"));
+    let answered: f64 = rounds
+        .iter()
+        .map(|r| r["requests_per_s"].as_f64().unwrap_or(0.0) * r["seconds"].as_f64().unwrap_or(0.0))
+        .sum();
+    json!({
+        "clients": clients,
+        "requests": sum("requests"),
+        "seconds": secs,
+        "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
+        "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
+        "completion_tokens": tokens,
+        "errors": sum("errors"),
+        "mismatches": sum("mismatches"),
+        "tokens_per_s_by_round": rounds.iter().map(|r| r["tokens_per_s"].clone()).collect::<Vec<_>>(),
+    })
+}
+
 pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
     let provenance = crate::provenance::provenance();
     if args.quick {
         args.concurrency = vec![1, 8];
         args.requests_per_client = 1;
+        args.min_requests = 0;
+        args.rounds = 1;
         args.serve_max_tokens = 4;
         args.load_requests = 120;
     }
@@ -278,40 +321,45 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    // 2. Throughput, Engram on and off, per format and concurrency.
+    // 2. Throughput, Engram on and off, per format and concurrency: both servers up, the
+    // rounds alternating on, off, on, off.
     let requests = bench_requests(args.serve_max_tokens);
     let mut runs = Vec::new();
     let mut engram_cost_max = f64::MIN;
-    for &format in FORMATS {
-        let mut by_mode = Vec::new();
+    for &format in &args.formats {
+        let mut servers = Vec::new();
         for (mode, dir) in [("engram_on", &demo), ("engram_off", &model)] {
             let log = paths
                 .scratch
                 .join(format!("bench-{}-{mode}.log", format.name()));
             let serve_args = format.serve_args(dir, mode == "engram_on", &gguf, &paths.scratch)?;
-            let server = Server::start(&mistralrs, &serve_args, log)?;
-            let mut rows = Vec::new();
-            for &c in &args.concurrency {
-                let row = throughput(&server, &openai, c, &requests, c * args.requests_per_client)?;
-                eprintln!("xtask: {} {mode} {c} clients: {row}", format.name());
-                rows.push(row);
-            }
-            by_mode.push(rows);
+            servers.push((mode, Server::start(&mistralrs, &serve_args, log)?));
         }
-        let mut per = Vec::new();
-        for (on, off) in by_mode[0].iter().zip(&by_mode[1]) {
+        for &c in &args.concurrency {
+            let mut rounds: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
+            for round in 0..args.rounds {
+                for (k, (mode, server)) in servers.iter().enumerate() {
+                    let row = throughput(server, &openai, c, &requests, total_requests(&args, c))?;
+                    eprintln!(
+                        "xtask: {} {mode} {c} clients, round {}: {row}",
+                        format.name(),
+                        round + 1
+                    );
+                    rounds[k].push(row);
+                }
+            }
+            let [on, off] = rounds.map(|r| pooled(c, r));
             let (a, b) = (
                 on["tokens_per_s"].as_f64().unwrap_or(0.0),
                 off["tokens_per_s"].as_f64().unwrap_or(0.0),
             );
             let cost = if b > 0.0 { 1.0 - a / b } else { f64::NAN };
             engram_cost_max = engram_cost_max.max(cost);
-            per.push(json!({
-                "format": format.name(), "clients": on["clients"],
+            runs.push(json!({
+                "format": format.name(), "clients": c,
                 "engram_on": on, "engram_off": off, "engram_cost": cost,
             }));
         }
-        runs.extend(per);
     }
 
     let mut out = json!({
@@ -333,6 +381,9 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         "load_checkpoint": "engram-seeded",
         "max_tokens": args.serve_max_tokens,
         "requests_per_client": args.requests_per_client,
+        "min_requests": args.min_requests,
+        "formats": args.formats.iter().map(|f| f.name()).collect::<Vec<_>>(),
+        "rounds": args.rounds,
         "quick": args.quick,
     });
     crate::provenance::stamp(&mut out, provenance);
