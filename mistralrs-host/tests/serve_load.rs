@@ -153,7 +153,6 @@ fn serve_under_load_answers_as_alone_frees_engram_state_and_holds_memory() {
         "cancel_every": 7,
         "disconnect_every": 11,
         "timeout": 300,
-        "lengths_apart": false,
     });
     let out = python_client(&s, &server, "serve_load_client.py", &input);
     let live = live_sequences_after_the_run(&server);

@@ -8,21 +8,16 @@ Reads one JSON object on stdin:
   {"pid": server pid (for VmRSS), "requests": [{"endpoint": "chat" | "completion",
    "prompt": str, "max_tokens": int}], "total": int, "clients": int, "rss_after": int,
    "seed": int, "cancel_every": int, "disconnect_every": int (0: none), "timeout": seconds,
-   "whole_only": bool (optional: no streaming, so every answer reports its tokens),
-   "lengths_apart": bool (optional, default true: see 2.)}
+   "whole_only": bool (optional: no streaming, so every answer reports its tokens)}
 and prints one JSON object on stdout (see `main`).
 
 1. References: every distinct request once, alone, one after another, not streamed. Their
    `usage.prompt_tokens` are the prompts' token lengths.
-2. Pools: with "lengths_apart": false (tests/serve_load.rs) every client draws from all
-   the requests, so the engine batches and interleaves them as it likes. With
-   "lengths_apart" true (the default, kept for runs against an unpatched mistral.rs 0.8.1,
-   whose CPU decode attention gives every sequence of a batched step the last one's output:
-   docs/mistralrs.md) each distinct prompt length goes to exactly one client (lengths
-   sorted, dealt round robin), and a client sends one request at a time from its own
-   lengths, so no two requests in flight at once have prompts of the same token length.
-   Requests that are cancelled or dropped are only ever dropped after their first
-   streamed chunk, i.e. after their prompt was prefilled.
+2. Every client draws from all the requests, so the engine batches and interleaves them
+   as it likes (right since the patch's fix of mistral.rs 0.8.1's CPU decode attention,
+   docs/mistralrs.md; before it, each prompt length was dealt to one client). Requests
+   that are cancelled or dropped are only ever dropped after their first streamed chunk,
+   i.e. after their prompt was prefilled.
 3. The load: `total` requests over `clients` concurrent clients, in two rounds: the first
    `rss_after` requests, then (all answered) the server's VmRSS is read, then the rest, and
    VmRSS again. Every `cancel_every`-th request is streamed and closed after its first
@@ -161,12 +156,7 @@ async def run(base, cfg):
         ref_seconds = time.monotonic() - started
 
         lengths = sorted({r["prompt_tokens"] for r in refs})
-        if cfg.get("lengths_apart", True):
-            owner = {n: i % cfg["clients"] for i, n in enumerate(lengths)}
-            pools = [[i for i, r in enumerate(refs) if owner[r["prompt_tokens"]] == c] for c in range(cfg["clients"])]
-            pools = [p for p in pools if p]
-        else:
-            pools = [list(range(len(refs)))] * cfg["clients"]
+        pools = [list(range(len(refs)))] * cfg["clients"]
 
         counter = {"next": 0}
         results = []

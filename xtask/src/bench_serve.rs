@@ -200,7 +200,7 @@ fn throughput(
     let input = json!({
         "pid": server.child.id(), "requests": requests, "total": total, "clients": clients,
         "rss_after": total, "seed": 1, "cancel_every": 0, "disconnect_every": 0,
-        "timeout": 600, "whole_only": true, "lengths_apart": false,
+        "timeout": 600, "whole_only": true,
     });
     let mut child = Command::new(crate::pypi::python())
         .arg(&script)
@@ -222,6 +222,7 @@ fn throughput(
     Ok(json!({
         "clients": clients,
         "requests": v["requests"],
+        "answered": answered,
         "seconds": secs,
         "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
         "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
@@ -245,11 +246,7 @@ fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
             .map(|r| r[k].as_f64().unwrap_or(0.0))
             .sum::<f64>()
     };
-    let (secs, tokens) = (sum("seconds"), sum("completion_tokens"));
-    let answered: f64 = rounds
-        .iter()
-        .map(|r| r["requests_per_s"].as_f64().unwrap_or(0.0) * r["seconds"].as_f64().unwrap_or(0.0))
-        .sum();
+    let (secs, tokens, answered) = (sum("seconds"), sum("completion_tokens"), sum("answered"));
     json!({
         "clients": clients,
         "requests": sum("requests"),
@@ -272,6 +269,9 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         args.rounds = 1;
         args.serve_max_tokens = 4;
         args.load_requests = 120;
+    }
+    if args.rounds == 0 {
+        bail!("--rounds 0: at least 1");
     }
     if args.load_requests < 100 {
         bail!("--load-requests {}: at least 100", args.load_requests);
