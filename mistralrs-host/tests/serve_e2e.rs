@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use common::serve::{last_stats_line, openai_client, setup, Server, Setup};
+use common::serve::{
+    http_post, last_stats_line, openai_client, settled_stats_line, setup, stats_number, Server,
+    Setup,
+};
 
 /// Prompts sent one after another: these checks compare single requests (batching is the
 /// load test's, `serve_load.rs`).
@@ -101,6 +104,59 @@ fn isq_q4k_zero_value_engram_gives_the_plain_models_tokens_and_logprobs() {
     assert!(rows > 0, "the stats line counts no rows fetched");
     drop(zero);
     assert_same_answers(&want, &got);
+}
+
+/// Tokens the Engram layers were fed so far (the server's last stats line once idle).
+fn engram_tokens(server: &Server) -> u64 {
+    settled_stats_line(server).map_or(0, |l| stats_number(&l, " tokens"))
+}
+
+/// A completion request sent on its own connection; its JSON answer.
+fn completion(server: &Server, prompt: &str, max_tokens: usize) -> Value {
+    let body = json!({"model": "default", "prompt": prompt, "max_tokens": max_tokens,
+                      "temperature": 0});
+    let (status, text) = http_post(server, "/v1/completions", &body).expect("the server answers");
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// A sequence the scheduler sets aside mid-answer resumes decoding: every token goes
+/// through the model once. mistral.rs 0.8.1's scheduler, once the running sequences had
+/// all finished, put every waiting one back to a prompt step, so one set aside mid-answer
+/// had its whole text prefilled again (wasted steps; on GGUF, answers that differ from the
+/// same request alone; docs/mistralrs.md). Here a long prompt decodes and a short one
+/// comes in: their lengths never meet, so the two take turns, and the short one finishes
+/// while the long one waits. Engram's stats count the tokens fed to its layers: over the
+/// answers, prompt tokens plus completion tokens less one (the last is sampled, not fed).
+#[test]
+fn an_answer_set_aside_resumes_decoding_without_a_second_prefill() {
+    let s = setup();
+    let server = Server::start(&s, &s.seeded, "set-aside");
+    let before = engram_tokens(&server); // the warm-up run at load
+    let long = format!("{COMPLETION_PROMPT} {}", PROMPTS.join(" ").repeat(4));
+    let answers = std::thread::scope(|scope| {
+        let first = scope.spawn(|| completion(&server, &long, 40));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let second = scope.spawn(|| completion(&server, COMPLETION_PROMPT, 4));
+        [first.join().unwrap(), second.join().unwrap()]
+    });
+    let mut fed = 0;
+    for a in &answers {
+        let (p, c) = (
+            &a["usage"]["prompt_tokens"],
+            &a["usage"]["completion_tokens"],
+        );
+        // Every answer runs to max_tokens, so its last token is one the model was not fed.
+        assert_eq!(a["choices"][0]["finish_reason"], "length", "{a}");
+        fed += p.as_u64().unwrap() + c.as_u64().unwrap() - 1;
+    }
+    let seen = engram_tokens(&server) - before;
+    assert_eq!(
+        seen, fed,
+        "Engram's layers were fed {seen} tokens for answers of {fed} (prompt + completion - 1): \
+         a sequence was prefilled again"
+    );
+    eprintln!("two interleaved answers: {fed} tokens, each fed once");
 }
 
 /// Every result of `got` has `want`'s tokens, logprobs, top-5 logprobs and text.

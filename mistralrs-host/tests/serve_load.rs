@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::serve::{python_client, setup, stats_number, Server};
+use common::serve::{python_client, settled_stats_line, setup, stats_number, Server};
 
 /// Concurrent clients.
 const CLIENTS: usize = 32;
@@ -103,17 +103,15 @@ fn error_lines(log: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Live sequences in the server's last `Engram stats` line written at least 2 s (two stats
-/// intervals) after the call, so that it counts the state after the last step.
+/// Live sequences in the server's last `Engram stats` line after the run.
 fn live_sequences_after_the_run(server: &Server) -> u64 {
-    std::thread::sleep(Duration::from_millis(2500));
-    let log = server.log_text();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("Engram stats"))
-        .unwrap_or_else(|| panic!("no Engram stats line in the server's log:\n{log}"));
-    stats_number(line, " live sequences")
+    let line = settled_stats_line(server).unwrap_or_else(|| {
+        panic!(
+            "no Engram stats line in the server's log:\n{}",
+            server.log_text()
+        )
+    });
+    stats_number(&line, " live sequences")
 }
 
 #[test]

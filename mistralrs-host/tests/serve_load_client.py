@@ -8,7 +8,9 @@ Reads one JSON object on stdin:
   {"pid": server pid (for VmRSS), "requests": [{"endpoint": "chat" | "completion",
    "prompt": str, "max_tokens": int}], "total": int, "clients": int, "rss_after": int,
    "seed": int, "cancel_every": int, "disconnect_every": int (0: none), "timeout": seconds,
-   "whole_only": bool (optional: no streaming, so every answer reports its tokens)}
+   "whole_only": bool (optional: no streaming, so every answer reports its tokens),
+   "references": the "references" of an earlier run on the same server and requests
+   (optional: step 1 is skipped)}
 and prints one JSON object on stdout (see `main`).
 
 1. References: every distinct request once, alone, one after another, not streamed. Their
@@ -148,11 +150,13 @@ async def run(base, cfg):
         model = r.json()["data"][0]["id"]
         reqs = cfg["requests"]
         started = time.monotonic()
-        refs = []
-        for req in reqs:
-            text, finish, usage, _, _ = await send(client, base, model, req, False)
-            refs.append({"text": text, "finish_reason": finish, "prompt_tokens": usage["prompt_tokens"],
-                         "completion_tokens": usage["completion_tokens"]})
+        refs = cfg.get("references")
+        if refs is None:
+            refs = []
+            for req in reqs:
+                text, finish, usage, _, _ = await send(client, base, model, req, False)
+                refs.append({"text": text, "finish_reason": finish, "prompt_tokens": usage["prompt_tokens"],
+                             "completion_tokens": usage["completion_tokens"]})
         ref_seconds = time.monotonic() - started
 
         lengths = sorted({r["prompt_tokens"] for r in refs})
@@ -235,6 +239,7 @@ async def run(base, cfg):
         "rss_file_kib_after_first": rss_first["RssFile"],
         "rss_file_kib_after_all": rss_last["RssFile"],
         "rss_after_first_requests": cfg["rss_after"],
+        "references": refs,
         "reference_seconds": ref_seconds,
         "load_seconds": load_seconds,
         "completion_tokens": sum(r.get("completion_tokens") or 0 for r in results),

@@ -9,10 +9,13 @@
 //!    with the demo checkpoint (Engram on) and the plain model (off), each model format
 //!    in `--formats` (both by default), both servers up and the rounds alternating. The
 //!    client is the load test's (`serve_load_client.py`): every distinct request alone
-//!    first (warm-up), then each client sends one request at a time, drawn from all of
-//!    them, so the engine batches same-length prompts and interleaves the others as it
+//!    first (warm-up, and the answers to compare with; once per server, its later
+//!    measurements reuse them), then each client sends one request at a time, drawn from
+//!    all of them, so the engine batches same-length prompts and interleaves the others as it
 //!    likes (right since the patch's fix of the CPU decode attention, docs/mistralrs.md);
-//!    every answer is checked against the request alone.
+//!    every answer is checked against the request alone. Beside the wall clock, each
+//!    measurement reads the server's CPU time (`/proc/PID/stat`): CPU milliseconds per
+//!    token, which a busy neighbour on a shared machine disturbs less.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -185,23 +188,23 @@ fn bench_requests(max_tokens: usize) -> Vec<Value> {
         .collect()
 }
 
-/// Runs the load client against `server` at `clients` concurrency; returns its figures.
-fn throughput(
-    server: &Server,
-    pythonpath: &Path,
-    clients: usize,
-    requests: &[Value],
-    total: usize,
-) -> Result<Value> {
+/// Runs the load client (`serve_load_client.py`) against `server` with `input` (whole
+/// answers, no cancels); returns its JSON.
+fn run_client(server: &Server, pythonpath: &Path, mut input: Value) -> Result<Value> {
     let script = root()
         .join("mistralrs-host")
         .join("tests")
         .join("serve_load_client.py");
-    let input = json!({
-        "pid": server.child.id(), "requests": requests, "total": total, "clients": clients,
-        "rss_after": total, "seed": 1, "cancel_every": 0, "disconnect_every": 0,
-        "timeout": 600, "whole_only": true,
-    });
+    for (k, v) in [
+        ("pid", json!(server.child.id())),
+        ("seed", json!(1)),
+        ("cancel_every", json!(0)),
+        ("disconnect_every", json!(0)),
+        ("timeout", json!(600)),
+        ("whole_only", json!(true)),
+    ] {
+        input[k] = v;
+    }
     let mut child = Command::new(crate::pypi::python())
         .arg(&script)
         .arg(format!("http://127.0.0.1:{}/v1", server.port))
@@ -215,7 +218,33 @@ fn throughput(
     if !out.status.success() {
         bail!("{} failed ({})", script.display(), out.status);
     }
-    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The server's answers to each request alone, one after another (also its warm-up): what
+/// every measurement on it compares with.
+fn references(server: &Server, pythonpath: &Path, requests: &[Value]) -> Result<Value> {
+    let input = json!({"requests": requests, "total": 0, "clients": 1, "rss_after": 0});
+    Ok(run_client(server, pythonpath, input)?["references"].clone())
+}
+
+/// Runs the load client against `server` at `clients` concurrency, checking the answers
+/// against `references`; returns its figures, with the CPU time the server used.
+fn throughput(
+    server: &Server,
+    pythonpath: &Path,
+    clients: usize,
+    requests: &[Value],
+    total: usize,
+    references: &Value,
+) -> Result<Value> {
+    let input = json!({
+        "requests": requests, "total": total, "clients": clients, "rss_after": total,
+        "references": references,
+    });
+    let cpu_before = cpu_seconds(server.child.id())?;
+    let v = run_client(server, pythonpath, input)?;
+    let cpu = cpu_seconds(server.child.id())? - cpu_before;
     let secs = v["load_seconds"].as_f64().unwrap_or(0.0);
     let answered = v["answered"].as_f64().unwrap_or(0.0);
     let tokens = v["completion_tokens"].as_f64().unwrap_or(0.0);
@@ -227,9 +256,44 @@ fn throughput(
         "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
         "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
         "completion_tokens": tokens,
+        "cpu_seconds": cpu,
+        "cpu_ms_per_token": if tokens > 0.0 { 1e3 * cpu / tokens } else { 0.0 },
         "errors": v["errors"].as_array().map_or(0, Vec::len),
         "mismatches": v["mismatches"].as_array().map_or(0, Vec::len),
     }))
+}
+
+/// CPU seconds (user and system, all threads) process `pid` has used so far: fields 14
+/// and 15 of `/proc/PID/stat`, in clock ticks (`getconf CLK_TCK`).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    // After the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .with_context(|| format!("{path}: no command name"))?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<f64> {
+        let f = fields
+            .get(i)
+            .with_context(|| format!("{path}: too few fields"))?;
+        f.parse::<f64>()
+            .with_context(|| format!("{path}: field {f:?} is not a number"))
+    };
+    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second()?)
+}
+
+fn clock_ticks_per_second() -> Result<f64> {
+    let out = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .context("cannot run getconf CLK_TCK")?;
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK printed no number")
 }
 
 /// Requests of one measurement at `clients` concurrency.
@@ -247,6 +311,7 @@ fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
             .sum::<f64>()
     };
     let (secs, tokens, answered) = (sum("seconds"), sum("completion_tokens"), sum("answered"));
+    let cpu = sum("cpu_seconds");
     json!({
         "clients": clients,
         "requests": sum("requests"),
@@ -254,8 +319,11 @@ fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
         "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
         "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
         "completion_tokens": tokens,
+        "cpu_seconds": cpu,
+        "cpu_ms_per_token": if tokens > 0.0 { 1e3 * cpu / tokens } else { 0.0 },
         "errors": sum("errors"),
         "mismatches": sum("mismatches"),
+        "cpu_ms_per_token_by_round": rounds.iter().map(|r| r["cpu_ms_per_token"].clone()).collect::<Vec<_>>(),
         "tokens_per_s_by_round": rounds.iter().map(|r| r["tokens_per_s"].clone()).collect::<Vec<_>>(),
     })
 }
@@ -326,6 +394,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
     let requests = bench_requests(args.serve_max_tokens);
     let mut runs = Vec::new();
     let mut engram_cost_max = f64::MIN;
+    let mut engram_cpu_cost_max = f64::MIN;
     for &format in &args.formats {
         let mut servers = Vec::new();
         for (mode, dir) in [("engram_on", &demo), ("engram_off", &model)] {
@@ -333,13 +402,16 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
                 .scratch
                 .join(format!("bench-{}-{mode}.log", format.name()));
             let serve_args = format.serve_args(dir, mode == "engram_on", &gguf, &paths.scratch)?;
-            servers.push((mode, Server::start(&mistralrs, &serve_args, log)?));
+            let server = Server::start(&mistralrs, &serve_args, log)?;
+            let answers = references(&server, &openai, &requests)?;
+            servers.push((mode, server, answers));
         }
         for &c in &args.concurrency {
             let mut rounds: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
             for round in 0..args.rounds {
-                for (k, (mode, server)) in servers.iter().enumerate() {
-                    let row = throughput(server, &openai, c, &requests, total_requests(&args, c))?;
+                for (k, (mode, server, references)) in servers.iter().enumerate() {
+                    let total = total_requests(&args, c);
+                    let row = throughput(server, &openai, c, &requests, total, references)?;
                     eprintln!(
                         "xtask: {} {mode} {c} clients, round {}: {row}",
                         format.name(),
@@ -355,9 +427,18 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
             );
             let cost = if b > 0.0 { 1.0 - a / b } else { f64::NAN };
             engram_cost_max = engram_cost_max.max(cost);
+            // The same cost in the server's CPU time per token, which a busy neighbour on
+            // the machine (steal) slows less than it slows the wall clock.
+            let (a, b) = (
+                on["cpu_ms_per_token"].as_f64().unwrap_or(0.0),
+                off["cpu_ms_per_token"].as_f64().unwrap_or(0.0),
+            );
+            let cpu_cost = if a > 0.0 { 1.0 - b / a } else { f64::NAN };
+            engram_cpu_cost_max = engram_cpu_cost_max.max(cpu_cost);
             runs.push(json!({
                 "format": format.name(), "clients": c,
                 "engram_on": on, "engram_off": off, "engram_cost": cost,
+                "engram_cpu_cost": cpu_cost,
             }));
         }
     }
@@ -369,6 +450,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         "rss_growth": load["rss_growth"],
         "live_sequences_after": load["live_sequences_after"],
         "engram_cost_max": engram_cost_max,
+        "engram_cpu_cost_max": engram_cpu_cost_max,
         "load_test": load,
         "load_test_passed": status.success(),
         "throughput": runs,

@@ -206,6 +206,17 @@ pub fn last_stats_line(server: &Server) -> (u64, u64) {
     }
 }
 
+/// The server's last `Engram stats` line, read 2.5 s (over two stats intervals) after the
+/// call so that it counts every step before it; `None` while the stats never changed.
+pub fn settled_stats_line(server: &Server) -> Option<String> {
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = server.log_text();
+    log.lines()
+        .rev()
+        .find(|l| l.contains("Engram stats"))
+        .map(str::to_string)
+}
+
 /// POSTs `body` (JSON) to `path` (`/v1/completions`) of the server over a plain
 /// HTTP/1.1 connection (`Connection: close`); returns the status and the response body.
 /// Any status is returned; a connection the server drops or resets is an `Err`.
