@@ -9,8 +9,8 @@
 //!    with the demo checkpoint (Engram on) and the plain model (off), each model format
 //!    in `--formats` (both by default), both servers up and the rounds alternating. The
 //!    client is the load test's (`serve_load_client.py`): every distinct request alone
-//!    first (warm-up, and the answers to compare with; once per server, its later
-//!    measurements reuse them), then each client sends one request at a time, drawn from
+//!    first (warm-up, and the answers to compare with; once per server, before its
+//!    measurements), then each client sends one request at a time, drawn from
 //!    all of them, so the engine batches same-length prompts and interleaves the others as it
 //!    likes (right since the patch's fix of the CPU decode attention, docs/mistralrs.md);
 //!    every answer is checked against the request alone. Beside the wall clock, each
