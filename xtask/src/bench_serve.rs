@@ -245,22 +245,32 @@ fn throughput(
     let cpu_before = cpu_seconds(server.child.id())?;
     let v = run_client(server, pythonpath, input)?;
     let cpu = cpu_seconds(server.child.id())? - cpu_before;
-    let secs = v["load_seconds"].as_f64().unwrap_or(0.0);
-    let answered = v["answered"].as_f64().unwrap_or(0.0);
-    let tokens = v["completion_tokens"].as_f64().unwrap_or(0.0);
-    Ok(json!({
-        "clients": clients,
-        "requests": v["requests"],
+    let mut row = rates(
+        v["answered"].as_f64().unwrap_or(0.0),
+        v["load_seconds"].as_f64().unwrap_or(0.0),
+        v["completion_tokens"].as_f64().unwrap_or(0.0),
+        cpu,
+    );
+    row["clients"] = json!(clients);
+    row["requests"] = v["requests"].clone();
+    row["errors"] = json!(v["errors"].as_array().map_or(0, Vec::len));
+    row["mismatches"] = json!(v["mismatches"].as_array().map_or(0, Vec::len));
+    Ok(row)
+}
+
+/// The figures of a measurement (or of rounds pooled) from its counts: answered requests
+/// and completion tokens over `secs` of wall clock, and the server's `cpu` seconds.
+fn rates(answered: f64, secs: f64, tokens: f64, cpu: f64) -> Value {
+    let per = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
+    json!({
         "answered": answered,
         "seconds": secs,
-        "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
-        "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
+        "requests_per_s": per(answered, secs),
+        "tokens_per_s": per(tokens, secs),
         "completion_tokens": tokens,
         "cpu_seconds": cpu,
-        "cpu_ms_per_token": if tokens > 0.0 { 1e3 * cpu / tokens } else { 0.0 },
-        "errors": v["errors"].as_array().map_or(0, Vec::len),
-        "mismatches": v["mismatches"].as_array().map_or(0, Vec::len),
-    }))
+        "cpu_ms_per_token": per(1e3 * cpu, tokens),
+    })
 }
 
 /// CPU seconds (user and system, all threads) process `pid` has used so far: fields 14
@@ -268,32 +278,42 @@ fn throughput(
 fn cpu_seconds(pid: u32) -> Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    // After the command name, which is in parentheses and may hold spaces.
+    let ticks = cpu_ticks(&stat).with_context(|| format!("{path}: {stat:?}"))?;
+    Ok(ticks / clock_ticks_per_second()?)
+}
+
+/// utime + stime of a `/proc/PID/stat` line (fields 14 and 15, counted from 1).
+fn cpu_ticks(stat: &str) -> Result<f64> {
+    // After the command name, which is in parentheses and may hold spaces and ')'.
     let fields: Vec<&str> = stat
         .rsplit_once(')')
-        .with_context(|| format!("{path}: no command name"))?
+        .context("no command name")?
         .1
         .split_whitespace()
         .collect();
-    let ticks = |i: usize| -> Result<f64> {
-        let f = fields
-            .get(i)
-            .with_context(|| format!("{path}: too few fields"))?;
+    let field = |i: usize| -> Result<f64> {
+        let f = fields.get(i).context("too few fields")?;
         f.parse::<f64>()
-            .with_context(|| format!("{path}: field {f:?} is not a number"))
+            .with_context(|| format!("field {f:?} is not a number"))
     };
-    Ok((ticks(11)? + ticks(12)?) / clock_ticks_per_second()?)
+    Ok(field(11)? + field(12)?)
 }
 
+/// `getconf CLK_TCK`, asked once.
 fn clock_ticks_per_second() -> Result<f64> {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    if let Some(&t) = TICKS.get() {
+        return Ok(t);
+    }
     let out = Command::new("getconf")
         .arg("CLK_TCK")
         .output()
         .context("cannot run getconf CLK_TCK")?;
-    String::from_utf8_lossy(&out.stdout)
+    let t: f64 = String::from_utf8_lossy(&out.stdout)
         .trim()
         .parse()
-        .context("getconf CLK_TCK printed no number")
+        .context("getconf CLK_TCK printed no number")?;
+    Ok(*TICKS.get_or_init(|| t))
 }
 
 /// Requests of one measurement at `clients` concurrency.
@@ -310,22 +330,20 @@ fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
             .map(|r| r[k].as_f64().unwrap_or(0.0))
             .sum::<f64>()
     };
-    let (secs, tokens, answered) = (sum("seconds"), sum("completion_tokens"), sum("answered"));
-    let cpu = sum("cpu_seconds");
-    json!({
-        "clients": clients,
-        "requests": sum("requests"),
-        "seconds": secs,
-        "requests_per_s": if secs > 0.0 { answered / secs } else { 0.0 },
-        "tokens_per_s": if secs > 0.0 { tokens / secs } else { 0.0 },
-        "completion_tokens": tokens,
-        "cpu_seconds": cpu,
-        "cpu_ms_per_token": if tokens > 0.0 { 1e3 * cpu / tokens } else { 0.0 },
-        "errors": sum("errors"),
-        "mismatches": sum("mismatches"),
-        "cpu_ms_per_token_by_round": rounds.iter().map(|r| r["cpu_ms_per_token"].clone()).collect::<Vec<_>>(),
-        "tokens_per_s_by_round": rounds.iter().map(|r| r["tokens_per_s"].clone()).collect::<Vec<_>>(),
-    })
+    let by_round = |k: &str| rounds.iter().map(|r| r[k].clone()).collect::<Vec<_>>();
+    let mut row = rates(
+        sum("answered"),
+        sum("seconds"),
+        sum("completion_tokens"),
+        sum("cpu_seconds"),
+    );
+    row["clients"] = json!(clients);
+    row["requests"] = json!(sum("requests"));
+    row["errors"] = json!(sum("errors"));
+    row["mismatches"] = json!(sum("mismatches"));
+    row["cpu_ms_per_token_by_round"] = json!(by_round("cpu_ms_per_token"));
+    row["tokens_per_s_by_round"] = json!(by_round("tokens_per_s"));
+    row
 }
 
 pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
@@ -475,4 +493,43 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         eprintln!("xtask: wrote {}", path.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// utime and stime are fields 14 and 15 of proc(5)'s stat line, here 250 and 37, after
+    /// a command name holding spaces and parentheses.
+    #[test]
+    fn cpu_ticks_reads_utime_and_stime_after_any_command_name() {
+        let line =
+            "1234 (my (odd) prog) S 1 1 1 0 -1 4194304 100 0 0 0 250 37 5 6 20 0 3 0 99 1 2\n";
+        assert_eq!(cpu_ticks(line).unwrap(), 287.0);
+        assert!(cpu_ticks("1234 (x) S 1 2").is_err());
+        assert!(cpu_ticks("no name here").is_err());
+        assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
+    }
+
+    /// Rounds pool as sums over sums, not as a mean of the rounds' rates.
+    #[test]
+    fn pooled_rounds_divide_sums() {
+        let round = |answered: f64, secs: f64, tokens: f64, cpu: f64| {
+            let mut r = rates(answered, secs, tokens, cpu);
+            r["requests"] = json!(answered);
+            r["errors"] = json!(0);
+            r["mismatches"] = json!(1);
+            r
+        };
+        let p = pooled(
+            8,
+            vec![round(4.0, 1.0, 100.0, 2.0), round(4.0, 3.0, 300.0, 4.0)],
+        );
+        assert_eq!(p["tokens_per_s"], json!(100.0)); // 400 tokens / 4 s
+        assert_eq!(p["requests_per_s"], json!(2.0)); // 8 / 4 s
+        assert_eq!(p["cpu_ms_per_token"], json!(15.0)); // 6000 ms / 400
+        assert_eq!(p["mismatches"], json!(2.0));
+        assert_eq!(p["tokens_per_s_by_round"], json!([100.0, 100.0]));
+        assert_eq!(p["clients"], json!(8));
+    }
 }
