@@ -5,6 +5,7 @@
 mod gather;
 mod hot_cache;
 mod prefetch;
+mod projection;
 mod smollm2;
 mod text;
 
@@ -26,6 +27,7 @@ use serde::Serialize;
 pub use gather::{GatherReport, Throughputs};
 pub use hot_cache::HotCacheBench;
 pub use prefetch::{ModelLayerTime, PrefetchBench, PrefetchRun};
+pub use projection::{ProjectionBench, ProjectionPoint};
 pub use text::format_text;
 
 /// Everything `engram bench` measures.
@@ -45,6 +47,9 @@ pub struct BenchReport {
     /// 1024 embedding columns, kernel 4) over a batch of 512 tokens, embeddings given:
     /// tokens per second of `CpuLayer::forward`, all threads.
     pub layer_tokens_per_s: f64,
+    /// That layer's projection at decode-sized token counts, per token against one
+    /// blocked GEMM (see [`ProjectionBench`]).
+    pub projection: ProjectionBench,
     /// The simulated host (see [`PrefetchBench`]).
     pub prefetch: PrefetchBench,
     /// The hot-row cache's hits, misses and bytes on a Zipf stream (see [`HotCacheBench`]).
@@ -85,6 +90,7 @@ pub fn run_bench(scratch: &std::path::Path) -> Result<BenchReport> {
         hash_decode_tokens_per_s,
         gather: gather::bench_gather(scratch)?,
         layer_tokens_per_s: bench_layer()?,
+        projection: projection::bench_projection()?,
         prefetch: prefetch::bench_prefetch(scratch)?,
         hot_cache: hot_cache::bench_hot_cache(scratch)?,
         threads: rayon::current_num_threads(),
@@ -267,6 +273,17 @@ mod tests {
                 all,
             ),
             layer_tokens_per_s: 25_300.0,
+            projection: ProjectionBench {
+                out_dim: 2048,
+                in_dim: 1024,
+                points: vec![ProjectionPoint {
+                    tokens: 4,
+                    per_token_us: 200.0,
+                    blocked_us: 900.0,
+                    blocked_over_per_token: 4.5,
+                    per_token_taken: true,
+                }],
+            },
             prefetch: PrefetchBench {
                 steps: 100,
                 tokens_per_step: 512,
@@ -319,6 +336,7 @@ mod tests {
         assert_eq!(p["host_work_from_fetch"]["host_work_ms"], 3.855);
         assert_eq!(p["host_work_from_smollm2_layer"]["host_work_ms"], 71.5);
         assert_eq!(p["smollm2_layer"]["layer_ms_one_token"], 0.45);
+        assert_eq!(v["projection"]["points"][0]["blocked_over_per_token"], 4.5);
         let h = &v["hot_cache"];
         assert_eq!(h["cache_hits"], 700);
         assert_eq!(h["cache_misses"], 300);
@@ -350,7 +368,7 @@ mod tests {
         assert!(serde_json::from_str::<serde_json::Value>(&text).is_err());
         // Gather rows: the one-thread figure, then the all-threads one; prefetch rows:
         // the run sized from the fetch, then the one sized from the SmolLM2 layer.
-        let expected: [(&str, &[&str]); 17] = [
+        let expected: [(&str, &[&str]); 18] = [
             ("gather, table in RAM", &["4.25 GB/s", "9.50 GB/s"]),
             ("gather, table memory-mapped", &["3.75 GB/s", "8.80 GB/s"]),
             ("memcpy: the C library's", &["6.50 GB/s", "7.50 GB/s"]),
@@ -366,6 +384,7 @@ mod tests {
             ("gather mapped / memcpy", &["0.58", "0.88"]),
             ("256", &["11.30 GB/s 1.13x", "10.40 GB/s 1.04x"]),
             ("prefill: one 262,144-token sequence", &["55.10 M tokens/s"]),
+            ("4", &["200.0 us", "900.0 us", "4.50", "per token"]),
             ("host work each step", &["1.5 x fetch", "1 SmolLM2 layer"]),
             ("host work", &["3.855 ms", "71.500 ms"]),
             ("exposed / fetch, all steps", &["0.22%", "0.03%"]),

@@ -132,6 +132,41 @@ pub fn format_text(r: &BenchReport) -> String {
         &[format!("{:.1} K tokens/s", r.layer_tokens_per_s / 1e3)],
     );
 
+    let j = &r.projection;
+    let _ = writeln!(
+        out,
+        "\nits projection [{}, {}] at decode-sized batches, {all}, best of 20",
+        j.out_dim, j.in_dim
+    );
+    let us = |v: f64| format!("{v:.1} us");
+    row(
+        &mut out,
+        "tokens",
+        &[
+            "per token".into(),
+            "blocked GEMM".into(),
+            "blocked / per token".into(),
+            "path taken".into(),
+        ],
+    );
+    for pt in &j.points {
+        let taken = if pt.per_token_taken {
+            "per token"
+        } else {
+            "blocked"
+        };
+        row(
+            &mut out,
+            &pt.tokens.to_string(),
+            &[
+                us(pt.per_token_us),
+                us(pt.blocked_us),
+                ratio(pt.blocked_over_per_token),
+                taken.into(),
+            ],
+        );
+    }
+
     let p = &r.prefetch;
     let l = &p.smollm2_layer;
     let ms = |v: f64| format!("{v:.3} ms");

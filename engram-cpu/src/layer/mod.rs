@@ -1,16 +1,16 @@
 //! The CPU implementation of one Engram layer (both variants), computing what
-//! [`engram_core::reference::ReferenceLayer`] computes: the projections as one f32 GEMM
-//! over every token of the batch, then fused per-token loops (gate, value, and for the
+//! [`engram_core::reference::ReferenceLayer`] computes: the projections (f32, through the
+//! `gemm` crate), then fused per-token loops (gate, value, and for the
 //! paper variant the short conv), parallel over tokens when the batch is large.
 //!
-//! - `matmul`: the GEMM;
+//! - `matmul`: the projections (per token for small batches, else one GEMM);
 //! - `paper`: docs/algorithm.md section 7 (keys + value, gate, short conv with
 //!   per-sequence state);
 //! - `v41`: docs/algorithm.md section 8 (fused wkv, bf16 kv, gate, bf16 output, dead
 //!   tokens);
 //! - `scratch`: work buffers reused across forwards.
 
-mod matmul;
+pub mod matmul;
 mod paper;
 mod scratch;
 mod v41;
