@@ -7,10 +7,14 @@
 //!    request alone, resident memory growth, live Engram sequences after the run;
 //! 2. throughput: requests/s and completion tokens/s at each concurrency (1, 8, 32 clients),
 //!    with the demo checkpoint (Engram on) and the plain model (off), each model format
-//!    in `--formats` (both by default), both servers up and the rounds alternating. The
-//!    client is the load test's (`serve_load_client.py`): every distinct request alone
-//!    first (warm-up, and the answers to compare with; once per server, before its
-//!    measurements), then each client sends one request at a time, drawn from
+//!    in `--formats` (both by default). Each round starts a fresh server for each mode,
+//!    one at a time, the order alternating (on, off; then off, on): one server process
+//!    can run several percent faster or slower than the next for its whole life, which
+//!    rounds on the same two processes would pin on one side. The client is the load
+//!    test's (`serve_load_client.py`): every distinct request alone first (warm-up, and
+//!    the answers to compare with; on the first server of each mode; later servers warm
+//!    up on a few requests, checked against those answers), then each client sends one
+//!    request at a time, drawn from
 //!    all of them, so the engine batches same-length prompts and interleaves the others as it
 //!    likes (right since the patch's fix of the CPU decode attention, docs/mistralrs.md);
 //!    every answer is checked against the request alone. Beside the wall clock, each
@@ -50,8 +54,9 @@ pub struct ServeArgs {
     /// Tokens generated per request.
     #[arg(long, default_value_t = 32)]
     serve_max_tokens: usize,
-    /// Measurements of each point, Engram on and off alternating (both servers stay up,
-    /// the idle one waiting), so that drift of the machine falls on both alike.
+    /// Measurements of each point: each round a fresh server for Engram on and one for
+    /// off, one after the other, the order alternating, so that drift of the machine and
+    /// the speed of a process fall on both alike.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
     /// Requests of the load test (at least 100: memory is read after 100).
@@ -316,6 +321,9 @@ fn clock_ticks_per_second() -> Result<f64> {
     Ok(*TICKS.get_or_init(|| t))
 }
 
+/// Requests (one client) a later server of a mode answers before its measurements.
+const WARMUP_REQUESTS: usize = 4;
+
 /// Requests of one measurement at `clients` concurrency.
 fn total_requests(args: &ServeArgs, clients: usize) -> usize {
     (clients * args.requests_per_client).max(args.min_requests)
@@ -407,38 +415,55 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    // 2. Throughput, Engram on and off, per format and concurrency: both servers up, the
-    // rounds alternating on, off, on, off.
+    // 2. Throughput, Engram on and off, per format and concurrency: each round starts a
+    // fresh server for each mode in turn (on then off, then off then on), so that neither
+    // a slow machine stretch nor a slow process (where its memory landed) falls on one
+    // side only.
     let requests = bench_requests(args.serve_max_tokens);
     let mut runs = Vec::new();
+    let mut warmups = Vec::new();
     let mut engram_cost_max = f64::MIN;
     let mut engram_cpu_cost_max = f64::MIN;
+    let modes = [("engram_on", &demo), ("engram_off", &model)];
     for &format in &args.formats {
-        let mut servers = Vec::new();
-        for (mode, dir) in [("engram_on", &demo), ("engram_off", &model)] {
-            let log = paths
-                .scratch
-                .join(format!("bench-{}-{mode}.log", format.name()));
-            let serve_args = format.serve_args(dir, mode == "engram_on", &gguf, &paths.scratch)?;
-            let server = Server::start(&mistralrs, &serve_args, log)?;
-            let answers = references(&server, &openai, &requests)?;
-            servers.push((mode, server, answers));
-        }
-        for &c in &args.concurrency {
-            let mut rounds: [Vec<Value>; 2] = [Vec::new(), Vec::new()];
-            for round in 0..args.rounds {
-                for (k, (mode, server, references)) in servers.iter().enumerate() {
+        let mut references_by_mode: [Option<Value>; 2] = [None, None];
+        let mut rounds = vec![[Vec::new(), Vec::new()]; args.concurrency.len()];
+        for round in 0..args.rounds {
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for k in order {
+                let (mode, dir) = modes[k];
+                let log = paths.scratch.join(format!(
+                    "bench-{}-{mode}-round{}.log",
+                    format.name(),
+                    round + 1
+                ));
+                let serve_args = format.serve_args(dir, k == 0, &gguf, &paths.scratch)?;
+                let server = Server::start(&mistralrs, &serve_args, log)?;
+                // The first server of a mode answers every request alone (its warm-up, and
+                // what all its measurements compare with); later ones warm up on a few of
+                // them, checked against those answers.
+                let references = match &references_by_mode[k] {
+                    Some(r) => {
+                        let warm = throughput(&server, &openai, 1, &requests, WARMUP_REQUESTS, r)?;
+                        warmups.push(json!({"format": format.name(), "mode": mode, "round": round + 1, "warmup": warm}));
+                        r
+                    }
+                    None => references_by_mode[k].insert(references(&server, &openai, &requests)?),
+                };
+                for (i, &c) in args.concurrency.iter().enumerate() {
                     let total = total_requests(&args, c);
-                    let row = throughput(server, &openai, c, &requests, total, references)?;
+                    let row = throughput(&server, &openai, c, &requests, total, references)?;
                     eprintln!(
                         "xtask: {} {mode} {c} clients, round {}: {row}",
                         format.name(),
                         round + 1
                     );
-                    rounds[k].push(row);
+                    rounds[i][k].push(row);
                 }
             }
-            let [on, off] = rounds.map(|r| pooled(c, r));
+        }
+        for (&c, [on, off]) in args.concurrency.iter().zip(rounds) {
+            let (on, off) = (pooled(c, on), pooled(c, off));
             let (a, b) = (
                 on["tokens_per_s"].as_f64().unwrap_or(0.0),
                 off["tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -472,6 +497,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         "load_test": load,
         "load_test_passed": status.success(),
         "throughput": runs,
+        "warmups": warmups,
         "model": "SmolLM2-135M-Instruct, f32, CPU, `mistralrs serve`",
         "profile": if release { "release" } else { "debug (numeric crates opt-level 3)" },
         "engram_on": "engram-demo (layers 1,15; orders 2-3; 8 heads; 512/order; vocab 646400; bf16 tables, mmap)",
