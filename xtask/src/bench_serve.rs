@@ -417,8 +417,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
 
     // 2. Throughput, Engram on and off, per format and concurrency: each round starts a
     // fresh server for each mode in turn (on then off, then off then on), so that neither
-    // a slow machine stretch nor a slow process (where its memory landed) falls on one
-    // side only.
+    // a slow stretch of the machine nor a slow process falls on one side only.
     let requests = bench_requests(args.serve_max_tokens);
     let mut runs = Vec::new();
     let mut warmups = Vec::new();
@@ -445,7 +444,10 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
                 let references = match &references_by_mode[k] {
                     Some(r) => {
                         let warm = throughput(&server, &openai, 1, &requests, WARMUP_REQUESTS, r)?;
-                        warmups.push(json!({"format": format.name(), "mode": mode, "round": round + 1, "warmup": warm}));
+                        warmups.push(json!({
+                            "format": format.name(), "mode": mode, "round": round + 1,
+                            "warmup": warm,
+                        }));
                         r
                     }
                     None => references_by_mode[k].insert(references(&server, &openai, &requests)?),

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::best_of;
 
-/// Token counts measured: decode steps of 1 to 64 sequences.
+/// Token counts measured: decode steps of 1 to 32 sequences.
 const TOKENS: [usize; 7] = [1, 2, 4, 8, 16, 24, 32];
 
 /// One token count's timings.

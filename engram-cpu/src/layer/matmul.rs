@@ -5,7 +5,7 @@
 //! Why two: gemm's blocked GEMM packs all of `W` on every call, a fixed cost of about
 //! 0.85 ms for a 1152 x 1024 weight on one core of a Zen 3 VM, where the product itself
 //! is ~60 us a token. Its matrix-vector path (one token, `m = 1`) reads `W` as it is. So a
-//! decode step of a few sequences ran ~8-15x slower than the same tokens one at a time;
+//! decode step of 2 to 8 sequences took 2-7x as long as the same tokens one at a time;
 //! `engram bench` (`projection`) measures both paths at each token count on the machine
 //! it runs on.
 
@@ -17,7 +17,8 @@ use rayon::prelude::*;
 const PARALLEL_MIN_MACS: usize = 1 << 20;
 
 /// Up to this many tokens a projection runs one token at a time. The measured crossover
-/// with the blocked GEMM lies between 16 and 24 tokens, on 1 and 2 threads alike.
+/// with the blocked GEMM lies between 16 and 24 tokens on 2 threads (between 16 and 32
+/// on one).
 pub const PER_TOKEN_MAX_TOKENS: usize = 16;
 
 /// How a projection is computed.
