@@ -165,13 +165,7 @@ fn open_and_step(dir: &Path) {
         return;
     };
     let tokens: Vec<u32> = (0..12).map(|i| i * 37 % 300).collect();
-    let input = SequenceInput {
-        seq_id: 1,
-        tokens: &tokens,
-        position: 0,
-        dead: None,
-        context: None,
-    };
+    let input = SequenceInput::new(1, &tokens, 0);
     let Ok(mut step) = rt.begin_step(&[input], &[]) else {
         return;
     };

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use engram_core::backend::EngramLayer;
 use engram_core::compress::VocabCompression;
@@ -111,6 +112,19 @@ pub struct SequenceInput<'a> {
     /// rebuild the n-gram history when the runtime has no state for this sequence (V4.1
     /// only: the paper variant's conv window cannot be rebuilt from ids).
     pub context: Option<&'a [u32]>,
+}
+
+impl<'a> SequenceInput<'a> {
+    /// `tokens` of sequence `seq_id` from `position`, without a dead-token mask or context.
+    pub fn new(seq_id: u64, tokens: &'a [u32], position: usize) -> Self {
+        Self {
+            seq_id,
+            tokens,
+            position,
+            dead: None,
+            context: None,
+        }
+    }
 }
 
 struct LiveSequence {
@@ -234,6 +248,7 @@ impl EngramRuntime {
     /// Starts a step: frees `ended`, hashes every new token of `inputs` (ids alone are
     /// enough) and starts fetching every Engram layer's rows in the background.
     pub fn begin_step(&self, inputs: &[SequenceInput<'_>], ended: &[u64]) -> Result<Step<'_>> {
+        let started = Instant::now();
         self.end_sequences(ended);
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = inputs.iter().find(|i| !seen.insert(i.seq_id)) {
@@ -299,7 +314,7 @@ impl EngramRuntime {
                 })
                 .collect()
         });
-        Ok(Step::new(self, states, rows, fetches, traced))
+        Ok(Step::new(self, states, rows, fetches, traced, started))
     }
 
     /// Moves each input's state out of the table (or creates it), checking positions.

@@ -43,13 +43,14 @@ fn parse_interval(v: &str) -> Result<Option<Duration>> {
 pub fn stats_line(model: &str, stats: &LookupStats, live_sequences: usize) -> String {
     format!(
         "Engram stats {model}: {} steps, {} tokens, {} rows, {} bytes fetched, fetch {:.3} s, \
-         exposed wait {:.3} s, {live_sequences} live sequences, {} evicted",
+         exposed wait {:.3} s, host time {:.3} s, {live_sequences} live sequences, {} evicted",
         stats.steps,
         stats.tokens,
         stats.rows_fetched,
         stats.bytes_fetched,
         stats.fetch_time.as_secs_f64(),
         stats.exposed_wait.as_secs_f64(),
+        stats.host_time.as_secs_f64(),
         stats.evicted_sequences,
     )
 }
@@ -106,13 +107,15 @@ mod tests {
             bytes_fetched: 81920,
             fetch_time: Duration::from_millis(12),
             exposed_wait: Duration::from_millis(2),
+            host_time: Duration::from_millis(30),
             ..Default::default()
         };
         let line = stats_line("m", &stats, 2);
         assert_eq!(
             line,
             "Engram stats m: 3 steps, 40 tokens, 1280 rows, 81920 bytes fetched, \
-             fetch 0.012 s, exposed wait 0.002 s, 2 live sequences, 0 evicted"
+             fetch 0.012 s, exposed wait 0.002 s, host time 0.030 s, 2 live sequences, \
+             0 evicted"
         );
     }
 

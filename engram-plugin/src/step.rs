@@ -3,6 +3,7 @@
 //! with Engram applied, waiting only for rows not yet fetched.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use engram_core::sequence::{layer_segments, SequenceState, StepRows};
@@ -41,6 +42,7 @@ impl<'r> Step<'r> {
         rows: StepRows,
         fetches: Vec<PendingFetch>,
         traced: Option<Vec<TracedInput>>,
+        began: Instant,
     ) -> Self {
         let tokens = rows.tokens() as u64;
         let row_count: u64 = rows.rows.iter().map(|r| r.len() as u64).sum();
@@ -60,6 +62,7 @@ impl<'r> Step<'r> {
                 tokens,
                 rows_fetched: row_count,
                 bytes_fetched: bytes,
+                host_time: began.elapsed(),
                 ..Default::default()
             },
             closed: false,
@@ -81,6 +84,14 @@ impl<'r> Step<'r> {
     /// (each sequence's new tokens back to back, in batch order) and returns the new
     /// hidden states (the residual stream after Engram), same layout.
     pub fn apply_packed(&mut self, layer_id: usize, hidden: &[f32]) -> Result<Vec<f32>> {
+        let started = Instant::now();
+        let out = self.apply_host(layer_id, hidden);
+        self.stats.host_time += started.elapsed();
+        out
+    }
+
+    /// [`Self::apply_packed`], untimed.
+    fn apply_host(&mut self, layer_id: usize, hidden: &[f32]) -> Result<Vec<f32>> {
         let cfg = self.runtime.config();
         let l = cfg.layer_index(layer_id)?;
         let fetched = self.take_rows(l, layer_id)?;
@@ -126,6 +137,14 @@ impl<'r> Step<'r> {
     /// tokens along T as the runtime's [`Padding`] says). Returns the same shape, dtype
     /// and device; padding positions are returned unchanged.
     pub fn apply(&mut self, layer_id: usize, hidden: &Tensor) -> Result<Tensor> {
+        let started = Instant::now();
+        let out = self.apply_tensor(layer_id, hidden);
+        self.stats.host_time += started.elapsed();
+        out
+    }
+
+    /// [`Self::apply`], untimed.
+    fn apply_tensor(&mut self, layer_id: usize, hidden: &Tensor) -> Result<Tensor> {
         let cfg = self.runtime.config();
         let c = cfg.branch_channels();
         let dims = hidden.dims().to_vec();
@@ -184,7 +203,7 @@ impl<'r> Step<'r> {
             let s = start_of(seq, len);
             packed.extend_from_slice(&full[s * c..(s + len) * c]);
         }
-        let updated = self.apply_packed(layer_id, &packed)?;
+        let updated = self.apply_host(layer_id, &packed)?;
         let mut at = 0;
         for (seq, &len) in lens.iter().enumerate() {
             let s = start_of(seq, len);
@@ -263,6 +282,7 @@ impl<'r> Step<'r> {
             return;
         }
         self.closed = true;
+        let started = Instant::now();
         // Rows never asked for still had to be fetched; wait so the stats stay whole.
         let mut unapplied = Vec::new();
         for (l, f) in self.fetches.iter_mut().enumerate() {
@@ -280,6 +300,7 @@ impl<'r> Step<'r> {
             self.count(outcome);
         }
         self.stats.evicted_sequences = self.runtime.return_states(std::mem::take(&mut self.states));
+        self.stats.host_time += started.elapsed();
         self.runtime.record(&self.stats);
     }
 }

@@ -16,7 +16,6 @@ use clap::Parser;
 use mistralrs::{
     ModelDType, RequestBuilder, Tensor, TextMessageRole, TextMessages, TextModelBuilder,
 };
-use mistralrs_core::engram::LookupStats;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -190,7 +189,7 @@ async fn main() -> Result<()> {
                 .find(|(id, _)| *id == model_id)
                 .map(|(_, s)| *s)
                 .unwrap_or_default();
-            let stats = since(&total, &earlier);
+            let stats = total.since(&earlier);
             json!({
                 "model_id": model_id,
                 "stats": stats,
@@ -329,20 +328,6 @@ fn write_logits(path: &Path, logs: &[Arc<Mutex<LogitsLog>>]) -> Result<Value> {
     }
     out.flush()?;
     Ok(json!({"file": path, "vocab": vocab.unwrap_or(0), "requests": requests}))
-}
-
-/// What `total` added to `earlier` (stats are running totals).
-fn since(total: &LookupStats, earlier: &LookupStats) -> LookupStats {
-    LookupStats {
-        steps: total.steps - earlier.steps,
-        tokens: total.tokens - earlier.tokens,
-        rows_fetched: total.rows_fetched - earlier.rows_fetched,
-        bytes_fetched: total.bytes_fetched - earlier.bytes_fetched,
-        fetch_time: total.fetch_time.saturating_sub(earlier.fetch_time),
-        exposed_wait: total.exposed_wait.saturating_sub(earlier.exposed_wait),
-        evicted_sequences: total.evicted_sequences - earlier.evicted_sequences,
-        store: total.store.since(&earlier.store),
-    }
 }
 
 /// A temporary copy of a model directory without its Engram config: `config.json` is

@@ -4,6 +4,7 @@
 //! included.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use engram_core::backend::{EngramLayer, Segment};
@@ -437,6 +438,72 @@ fn errors_reach_the_host() {
     assert!(e.contains("disk on fire") && e.contains("layer 1"), "{e}");
 }
 
+/// A table whose every gather takes [`SlowTable::DELAY`] longer.
+struct SlowTable(DenseTable);
+
+impl SlowTable {
+    const DELAY: Duration = Duration::from_millis(20);
+}
+
+impl TableStore for SlowTable {
+    fn name(&self) -> &str {
+        "slow"
+    }
+    fn num_rows(&self) -> u64 {
+        self.0.num_rows()
+    }
+    fn width(&self) -> usize {
+        self.0.width()
+    }
+    fn dtype(&self) -> engram_core::dtype::RowDtype {
+        self.0.dtype()
+    }
+    fn gather_f32(&self, rows: &[u64], out: &mut [f32]) -> engram_core::Result<()> {
+        std::thread::sleep(Self::DELAY);
+        self.0.gather_f32(rows, out)
+    }
+}
+
+/// `host_time` is the host's time inside the step's calls and nothing else: with rows
+/// fetched inside `apply` from a store that takes 20 ms a gather, each layer's apply (the
+/// tensor one and the packed one) counts at least those 20 ms; the host's own 50 ms
+/// between calls is not counted; the totals carry it.
+#[test]
+fn host_time_counts_the_step_calls_and_nothing_between() {
+    let fx = fixture(Variant::Paper, 1, 16, 5);
+    let c = fx.cfg.branch_channels();
+    let options = RuntimeOptions {
+        prefetch: false,
+        ..RuntimeOptions::default()
+    };
+    let rt = runtime_over(&fx, options, |t| Arc::new(SlowTable(t.clone())));
+    let pause = Duration::from_millis(50);
+    let tokens = [1u32, 2, 3];
+    let input = SequenceInput::new(1, &tokens, 0);
+    let (first, second) = (fx.cfg.hash.layer_ids[0], fx.cfg.hash.layer_ids[1]);
+    let started = Instant::now();
+    let mut step = rt.begin_step(&[input], &[]).unwrap();
+    std::thread::sleep(pause);
+    let hidden = Tensor::zeros((1, 3, c), candle_core::DType::F32, &Device::Cpu).unwrap();
+    step.apply(first, &hidden).unwrap();
+    std::thread::sleep(pause);
+    step.apply_packed(second, &vec![0.0; 3 * c]).unwrap();
+    std::thread::sleep(pause);
+    let stats = step.finish();
+    let wall = started.elapsed();
+    assert!(
+        stats.host_time >= 2 * SlowTable::DELAY,
+        "host time {:?}: less than the two gathers inside apply",
+        stats.host_time
+    );
+    assert!(
+        stats.host_time <= wall - 3 * pause,
+        "host time {:?} counts the host's pauses (step's wall time {wall:?})",
+        stats.host_time
+    );
+    assert_eq!(rt.stats().host_time, stats.host_time);
+}
+
 /// A store that panics: the host gets an error, not a hang.
 #[test]
 fn a_panicking_store_is_an_error() {
@@ -599,13 +666,7 @@ fn random_misuse_is_errors_not_panics() {
         );
         // Still serving: a fresh sequence through every layer.
         let tokens = [1u32, 2, 3];
-        let input = SequenceInput {
-            seq_id: 100,
-            tokens: &tokens,
-            position: 0,
-            dead: None,
-            context: None,
-        };
+        let input = SequenceInput::new(100, &tokens, 0);
         let mut step = rt.begin_step(&[input], &[]).unwrap();
         for &layer in &fx.cfg.hash.layer_ids {
             step.apply_packed(layer, &vec![0.5; 3 * c]).unwrap();

@@ -19,7 +19,11 @@
 //!    likes (right since the patch's fix of the CPU decode attention, docs/mistralrs.md);
 //!    every answer is checked against the request alone. Beside the wall clock, each
 //!    measurement reads the server's CPU time (`/proc/PID/stat`): CPU milliseconds per
-//!    token, which a busy neighbour on a shared machine disturbs less.
+//!    token, which a busy neighbour on a shared machine disturbs less; and from the Engram
+//!    server's stats lines, the time its serving thread spent inside Engram and its
+//!    prefetch threads' unwaited fetching, over the wall clock (`engram_share`): Engram's
+//!    cost as the process itself measured it, which the machine's noise cannot put on one
+//!    side the way it can a ratio of two processes' tokens/s.
 
 use std::fs;
 use std::net::{TcpListener, TcpStream};
@@ -136,6 +140,57 @@ struct Server {
     log: PathBuf,
 }
 
+/// Seconds between the Engram server's stats lines (`ENGRAM_STATS_INTERVAL`), and how long
+/// to wait after requests for a line that counts them all (over two intervals).
+const STATS_INTERVAL_S: &str = "1";
+const STATS_SETTLE: Duration = Duration::from_millis(2500);
+
+/// Engram's running totals in the server's last stats line (`engram_plugin::stats_log`):
+/// seconds the serving thread spent inside Engram's step calls, seconds of row fetching,
+/// and the part of that the thread waited for.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct EngramTotals {
+    host: f64,
+    fetch: f64,
+    exposed: f64,
+}
+
+impl EngramTotals {
+    /// From a line `... fetch F s, exposed wait W s, host time H s, ...`.
+    fn parse(line: &str) -> Result<Self> {
+        let seconds = |key: &str| -> Result<f64> {
+            let at = line
+                .find(&format!(", {key} "))
+                .with_context(|| format!("no {key:?} in the stats line {line:?}"))?;
+            let rest = &line[at + key.len() + 3..];
+            rest.split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .with_context(|| format!("no seconds after {key:?} in {line:?}"))
+        };
+        Ok(Self {
+            host: seconds("host time")?,
+            fetch: seconds("fetch")?,
+            exposed: seconds("exposed wait")?,
+        })
+    }
+
+    /// Engram's time in a measurement: the serving thread's time inside Engram, and the
+    /// fetching it did not wait for (done on the prefetch threads, beside the model's
+    /// work on the same cores).
+    fn engram_seconds(&self) -> f64 {
+        self.host + (self.fetch - self.exposed).max(0.0)
+    }
+
+    fn since(&self, earlier: &Self) -> Self {
+        Self {
+            host: self.host - earlier.host,
+            fetch: self.fetch - earlier.fetch,
+            exposed: self.exposed - earlier.exposed,
+        }
+    }
+}
+
 impl Server {
     fn start(cli: &Path, args: &[String], log: PathBuf) -> Result<Server> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -147,7 +202,8 @@ impl Server {
             // on/off differ by Engram's lookups alone.
             .args(["--prefix-cache-n", "0"])
             .args(args)
-            .env("ENGRAM_STATS_INTERVAL", "off")
+            // The Engram server logs its lookup totals (the plain one has no runtime).
+            .env("ENGRAM_STATS_INTERVAL", STATS_INTERVAL_S)
             .stdout(out.try_clone()?)
             .stderr(out)
             .spawn()
@@ -168,6 +224,21 @@ impl Server {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(server)
+    }
+}
+
+impl Server {
+    /// Engram's totals after every request so far (read [`STATS_SETTLE`] after the call);
+    /// `None` when the server never logged a stats line (no Engram runtime).
+    fn engram_totals(&self) -> Result<Option<EngramTotals>> {
+        std::thread::sleep(STATS_SETTLE);
+        let log = fs::read_to_string(&self.log)
+            .with_context(|| format!("cannot read {}", self.log.display()))?;
+        log.lines()
+            .rev()
+            .find(|l| l.contains("Engram stats"))
+            .map(EngramTotals::parse)
+            .transpose()
     }
 }
 
@@ -247,6 +318,7 @@ fn throughput(
         "requests": requests, "total": total, "clients": clients, "rss_after": total,
         "references": references,
     });
+    let engram_before = server.engram_totals()?;
     let cpu_before = cpu_seconds(server.child.id())?;
     let v = run_client(server, pythonpath, input)?;
     let cpu = cpu_seconds(server.child.id())? - cpu_before;
@@ -256,6 +328,13 @@ fn throughput(
         v["completion_tokens"].as_f64().unwrap_or(0.0),
         cpu,
     );
+    if let Some(before) = engram_before {
+        let during = server
+            .engram_totals()?
+            .context("the Engram server's stats line went missing")?
+            .since(&before);
+        add_engram_time(&mut row, during);
+    }
     row["clients"] = json!(clients);
     row["requests"] = v["requests"].clone();
     row["errors"] = json!(v["errors"].as_array().map_or(0, Vec::len));
@@ -276,6 +355,22 @@ fn rates(answered: f64, secs: f64, tokens: f64, cpu: f64) -> Value {
         "cpu_seconds": cpu,
         "cpu_ms_per_token": per(1e3 * cpu, tokens),
     })
+}
+
+/// Engram's time in a measurement (or rounds pooled) beside its wall clock: the serving
+/// thread's seconds inside Engram, the prefetch threads' unwaited fetching, and their sum
+/// over the wall-clock seconds (`engram_share`: what Engram took of the measurement, as
+/// the process itself saw it).
+fn add_engram_time(row: &mut Value, t: EngramTotals) {
+    let secs = row["seconds"].as_f64().unwrap_or(0.0);
+    row["engram_host_seconds"] = json!(t.host);
+    row["engram_fetch_seconds"] = json!(t.fetch);
+    row["engram_exposed_seconds"] = json!(t.exposed);
+    row["engram_share"] = json!(if secs > 0.0 {
+        t.engram_seconds() / secs
+    } else {
+        0.0
+    });
 }
 
 /// CPU seconds (user and system, all threads) process `pid` has used so far: fields 14
@@ -349,6 +444,15 @@ fn pooled(clients: usize, rounds: Vec<Value>) -> Value {
     row["requests"] = json!(sum("requests"));
     row["errors"] = json!(sum("errors"));
     row["mismatches"] = json!(sum("mismatches"));
+    if rounds.iter().all(|r| r.get("engram_share").is_some()) {
+        let t = EngramTotals {
+            host: sum("engram_host_seconds"),
+            fetch: sum("engram_fetch_seconds"),
+            exposed: sum("engram_exposed_seconds"),
+        };
+        add_engram_time(&mut row, t);
+        row["engram_share_by_round"] = json!(by_round("engram_share"));
+    }
     row["cpu_ms_per_token_by_round"] = json!(by_round("cpu_ms_per_token"));
     row["tokens_per_s_by_round"] = json!(by_round("tokens_per_s"));
     row
@@ -423,6 +527,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
     let mut warmups = Vec::new();
     let mut engram_cost_max = f64::MIN;
     let mut engram_cpu_cost_max = f64::MIN;
+    let mut engram_share_max: Option<f64> = None;
     let modes = [("engram_on", &demo), ("engram_off", &model)];
     for &format in &args.formats {
         let mut references_by_mode: [Option<Value>; 2] = [None, None];
@@ -480,6 +585,9 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
             );
             let cpu_cost = if a > 0.0 { 1.0 - b / a } else { f64::NAN };
             engram_cpu_cost_max = engram_cpu_cost_max.max(cpu_cost);
+            if let Some(share) = on["engram_share"].as_f64() {
+                engram_share_max = Some(engram_share_max.map_or(share, |m| m.max(share)));
+            }
             runs.push(json!({
                 "format": format.name(), "clients": c,
                 "engram_on": on, "engram_off": off, "engram_cost": cost,
@@ -496,6 +604,7 @@ pub fn run(mut args: ServeArgs, release: bool) -> Result<()> {
         "live_sequences_after": load["live_sequences_after"],
         "engram_cost_max": engram_cost_max,
         "engram_cpu_cost_max": engram_cpu_cost_max,
+        "engram_share_max": engram_share_max,
         "load_test": load,
         "load_test_passed": status.success(),
         "throughput": runs,
@@ -539,6 +648,31 @@ mod tests {
         assert!(cpu_seconds(std::process::id()).unwrap() >= 0.0);
     }
 
+    /// The parser reads the line the runtime writes (`engram_plugin::stats_log`).
+    #[test]
+    fn engram_totals_read_the_runtime_stats_line() {
+        let stats = engram_plugin::LookupStats {
+            steps: 7,
+            fetch_time: Duration::from_millis(250),
+            exposed_wait: Duration::from_millis(50),
+            host_time: Duration::from_millis(1500),
+            ..Default::default()
+        };
+        let line = engram_plugin::stats_log::stats_line("m", &stats, 3);
+        let t = EngramTotals::parse(&format!("2026-12-08T01:00:00Z INFO engram: {line}")).unwrap();
+        assert_eq!(
+            t,
+            EngramTotals {
+                host: 1.5,
+                fetch: 0.25,
+                exposed: 0.05
+            }
+        );
+        assert!((t.engram_seconds() - 1.7).abs() < 1e-12);
+        let err = EngramTotals::parse("Engram stats m: 7 steps").unwrap_err();
+        assert!(err.to_string().contains("host time"), "{err}");
+    }
+
     /// Rounds pool as sums over sums, not as a mean of the rounds' rates.
     #[test]
     fn pooled_rounds_divide_sums() {
@@ -559,5 +693,29 @@ mod tests {
         assert_eq!(p["mismatches"], json!(2.0));
         assert_eq!(p["tokens_per_s_by_round"], json!([100.0, 100.0]));
         assert_eq!(p["clients"], json!(8));
+        assert!(p.get("engram_share").is_none());
+
+        // Engram's time pools the same way: (0.03 + 0.05 host, 0.01 unwaited fetch) / 4 s.
+        let timed = |r: Value, host: f64, fetch: f64, exposed: f64| {
+            let mut r = r;
+            add_engram_time(
+                &mut r,
+                EngramTotals {
+                    host,
+                    fetch,
+                    exposed,
+                },
+            );
+            r
+        };
+        let p = pooled(
+            8,
+            vec![
+                timed(round(4.0, 1.0, 100.0, 2.0), 0.03, 0.01, 0.0),
+                timed(round(4.0, 3.0, 300.0, 4.0), 0.05, 0.02, 0.02),
+            ],
+        );
+        assert!((p["engram_share"].as_f64().unwrap() - 0.09 / 4.0).abs() < 1e-12);
+        assert_eq!(p["engram_share_by_round"][0], json!(0.04));
     }
 }
