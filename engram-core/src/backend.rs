@@ -109,6 +109,32 @@ pub trait EngramLayer: Send + Sync {
         segments: &mut [Segment<'_>],
         out: &mut [f32],
     ) -> Result<()>;
+
+    /// The part of [`Self::forward`] that depends on the gathered rows alone (the layer's
+    /// projections of `embeddings`, `[tokens, embed_dim]`), so that a fetcher can compute
+    /// it while the host's earlier layers run; [`Self::forward_projected`] does the rest.
+    /// `None`: this layer does not split its forward (the default).
+    fn project(&self, embeddings: &[f32]) -> Result<Option<Vec<f32>>> {
+        let _ = embeddings;
+        Ok(None)
+    }
+
+    /// [`Self::forward`] from what [`Self::project`] returned for the same rows (it may
+    /// be overwritten). Gives the same output as `forward` on those rows.
+    fn forward_projected(
+        &self,
+        hidden: &[f32],
+        projected: &mut [f32],
+        dead: Option<&[bool]>,
+        segments: &mut [Segment<'_>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let _ = (hidden, projected, dead, segments, out);
+        Err(EngramError::Other(format!(
+            "Engram layer {} does not precompute its projections",
+            self.layer_id()
+        )))
+    }
 }
 
 /// Checks the buffers handed to [`EngramLayer::forward`]; returns the token count.

@@ -8,8 +8,8 @@ use engram_core::checkpoint::LayerWeights;
 use engram_core::config::{EngramConfig, Variant};
 use engram_core::reference::ReferenceLayer;
 use engram_core::testing::conformance::{
-    check_layer, config, layer_weights, random_dims, run, v41_embeddings, Batch, Dims, Outputs,
-    Tolerance,
+    check_layer, config, layer_weights, random_dims, run, run_projected, same_bits, v41_embeddings,
+    Batch, Dims, Outputs, Tolerance,
 };
 use engram_core::testing::TestRng;
 use engram_core::Result;
@@ -164,5 +164,43 @@ fn bf16_calls_of_the_wrong_size_are_errors() {
                 &mut o16
             )
             .is_err());
+    }
+}
+
+/// Projected on a fetcher's one-thread pool (as the plugin's prefetch thread does), the
+/// rows give what `forward` gives on rayon's global pool, bit for bit: decode sizes (each
+/// token's product split into the same blocks of rows on any pool) and prefill sizes
+/// (the blocked GEMM). The demo's shape, so the products are large enough to split.
+#[test]
+fn projecting_on_a_fetcher_pool_changes_no_bit() {
+    let mut rng = TestRng::new(31);
+    let dims = Dims {
+        hc_mult: 1,
+        hidden: 576,
+        max_ngram: 3,
+        heads: 8,
+        head_dim: 64,
+        kernel: 4,
+    };
+    let cfg = config(Variant::Paper, &dims);
+    let layer = CpuLayer::new(cfg.clone(), 3, layer_weights(&mut rng, &cfg)).unwrap();
+    let fetcher = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let (c, e) = (cfg.branch_channels(), cfg.embed_dim());
+    for max_len in [1, 4, 16, 48] {
+        let batch = Batch::random(&mut rng, &cfg, max_len);
+        let t = batch.tokens();
+        let hidden = rng.uniform_vec(t * c, -2.0, 2.0);
+        let emb = rng.uniform_vec(t * e, -1.0, 1.0);
+        let want = run(&layer, &batch, &hidden, &emb, None);
+        let mut kv = fetcher
+            .install(|| layer.project(&emb))
+            .unwrap()
+            .expect("the CPU layer projects ahead");
+        let got = run_projected(&layer, &batch, &hidden, &mut kv, None).unwrap();
+        assert!(same_bits(&got.out, &want.out), "{t} tokens: outputs differ");
+        assert_eq!(got.states, want.states, "{t} tokens: conv states differ");
     }
 }

@@ -83,6 +83,9 @@ pub enum FetchError {
     /// The device store refused the prefetch.
     #[error(transparent)]
     Device(#[from] CudaBackendError),
+    /// The layer refused to project the gathered rows.
+    #[error("projecting the gathered rows: {0}")]
+    Project(#[source] EngramError),
     /// The table store panicked while gathering.
     #[error("the table store `{table}` panicked while gathering")]
     Panicked { table: String },

@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use engram_core::backend::EngramLayer;
 use engram_core::table::{StoreCounters, TableStore};
 use engram_cuda::Prefetch;
 
@@ -21,6 +22,9 @@ use crate::error::FetchError;
 pub enum FetchedRows {
     /// Gathered and decoded into host memory.
     Host(Vec<f32>),
+    /// Gathered and projected by the layer (`EngramLayer::project`): what depends on the
+    /// rows alone, done before the host asks.
+    Projected(Vec<f32>),
     /// On their way to the device: a prefetch of the layer's device store.
     Device(Prefetch),
 }
@@ -67,6 +71,8 @@ impl FetchSlot {
 pub struct FetchJob {
     pub table: Arc<dyn TableStore>,
     pub device: Option<Arc<DeviceRows>>,
+    /// The host layer the rows are for, when it projects them ahead (`None`: plain rows).
+    pub project: Option<Arc<dyn EngramLayer>>,
     pub rows: Arc<Vec<u64>>,
     pub slot: Arc<FetchSlot>,
 }
@@ -83,6 +89,11 @@ impl FetchJob {
             }
             let mut out = vec![0f32; self.rows.len() * self.table.width()];
             self.table.gather_f32(&self.rows, &mut out)?;
+            if let Some(layer) = &self.project {
+                if let Some(kv) = layer.project(&out).map_err(FetchError::Project)? {
+                    return Ok(FetchedRows::Projected(kv));
+                }
+            }
             Ok(FetchedRows::Host(out))
         }))
         .unwrap_or_else(|_| {
@@ -206,6 +217,7 @@ mod tests {
         fetcher.submit(FetchJob {
             table: table.clone(),
             device: None,
+            project: None,
             rows: Arc::new(vec![0, 3]),
             slot: slot.clone(),
         });

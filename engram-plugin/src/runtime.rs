@@ -291,6 +291,8 @@ impl EngramRuntime {
                 let job = FetchJob {
                     table: layer.table.clone(),
                     device: layer.device.clone(),
+                    // A host layer projects its rows where they are fetched.
+                    project: layer.device.is_none().then(|| layer.layer.clone()),
                     rows: Arc::new(r.clone()),
                     slot: Arc::new(FetchSlot::default()),
                 };

@@ -14,7 +14,8 @@ pub struct LookupStats {
     pub rows_fetched: u64,
     /// Bytes read from the tables, in their stored format.
     pub bytes_fetched: u64,
-    /// Time spent gathering rows, wherever it ran.
+    /// Time spent gathering rows, and for layers on the host projecting them
+    /// (`EngramLayer::project`), wherever it ran.
     #[serde(serialize_with = "secs")]
     pub fetch_time: Duration,
     /// Time the host spent waiting for rows inside `apply`.

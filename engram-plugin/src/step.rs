@@ -107,6 +107,11 @@ impl<'r> Step<'r> {
                     .layer
                     .forward(hidden, &emb, dead, &mut segments, &mut out)?;
             }
+            (FetchedRows::Projected(mut kv), _) => {
+                layer
+                    .layer
+                    .forward_projected(hidden, &mut kv, dead, &mut segments, &mut out)?;
+            }
             (FetchedRows::Device(ticket), Some(device)) => device
                 .apply(ticket, hidden, dead, &mut segments, &mut out)
                 .map_err(|source| PluginError::Cuda {

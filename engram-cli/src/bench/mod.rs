@@ -27,7 +27,7 @@ use serde::Serialize;
 pub use gather::{GatherReport, Throughputs};
 pub use hot_cache::HotCacheBench;
 pub use prefetch::{ModelLayerTime, PrefetchBench, PrefetchRun};
-pub use projection::{ProjectionBench, ProjectionPoint};
+pub use projection::{ColdPoint, ProjectionBench, ProjectionPoint};
 pub use text::format_text;
 
 /// Everything `engram bench` measures.
@@ -283,6 +283,12 @@ mod tests {
                     blocked_over_per_token: 4.5,
                     per_token_taken: true,
                 }],
+                cold_points: vec![ColdPoint {
+                    tokens: 1,
+                    warm_us: 100.0,
+                    cold_us: 300.0,
+                    cold_over_warm: 3.0,
+                }],
             },
             prefetch: PrefetchBench {
                 steps: 100,
@@ -337,6 +343,7 @@ mod tests {
         assert_eq!(p["host_work_from_smollm2_layer"]["host_work_ms"], 71.5);
         assert_eq!(p["smollm2_layer"]["layer_ms_one_token"], 0.45);
         assert_eq!(v["projection"]["points"][0]["blocked_over_per_token"], 4.5);
+        assert_eq!(v["projection"]["cold_points"][0]["cold_over_warm"], 3.0);
         let h = &v["hot_cache"];
         assert_eq!(h["cache_hits"], 700);
         assert_eq!(h["cache_misses"], 300);

@@ -166,6 +166,22 @@ pub fn format_text(r: &BenchReport) -> String {
             ],
         );
     }
+    let _ = writeln!(
+        out,
+        "  per token, the weight in cache (warm) and after reading 256 MiB (cold, best of 10)"
+    );
+    row(
+        &mut out,
+        "tokens",
+        &["warm".into(), "cold".into(), "cold / warm".into()],
+    );
+    for pt in &j.cold_points {
+        row(
+            &mut out,
+            &pt.tokens.to_string(),
+            &[us(pt.warm_us), us(pt.cold_us), ratio(pt.cold_over_warm)],
+        );
+    }
 
     let p = &r.prefetch;
     let l = &p.smollm2_layer;

@@ -258,6 +258,27 @@ pub fn run(
     Outputs { out, states }
 }
 
+/// [`run`] through `forward_projected`, from what `project` gave for the rows (`kv`,
+/// which it may overwrite); the error as it came.
+pub fn run_projected(
+    layer: &dyn EngramLayer,
+    batch: &Batch,
+    hidden: &[f32],
+    kv: &mut [f32],
+    dead: Option<&[bool]>,
+) -> Result<Outputs> {
+    let mut states = batch.states.clone();
+    let mut out = vec![f32::NAN; hidden.len()];
+    let mut segs = batch.segments(&mut states);
+    layer.forward_projected(hidden, kv, dead, &mut segs, &mut out)?;
+    Ok(Outputs { out, states })
+}
+
+/// Whether two outputs are equal bit for bit.
+pub fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 /// The worst relative error over the conv states (a missing or extra state is infinite).
 pub fn state_rel_err(got: &[Option<ShortConvState>], want: &[Option<ShortConvState>]) -> f64 {
     got.iter()
@@ -279,6 +300,9 @@ pub struct LayerReport {
     /// V4.1 elements that differ from the reference, and all V4.1 elements checked.
     pub v41_off: usize,
     pub v41_elements: usize,
+    /// Cases of `project` + `forward_projected` against `forward` (0: the layer does not
+    /// project ahead, nothing to check).
+    pub projected_cases: usize,
 }
 
 impl std::fmt::Display for LayerReport {
@@ -286,12 +310,16 @@ impl std::fmt::Display for LayerReport {
         write!(
             f,
             "{} cases; paper: worst rel err {:.2e} (conv states {:.2e}); V4.1: {} of {} \
-             elements off the reference",
+             elements off the reference; projected ahead: {}",
             self.cases,
             self.paper_worst_rel,
             self.paper_state_worst_rel,
             self.v41_off,
-            self.v41_elements
+            self.v41_elements,
+            match self.projected_cases {
+                0 => "not offered (skipped)".to_string(),
+                n => format!("{n} cases equal to forward"),
+            }
         )
     }
 }
@@ -430,6 +458,53 @@ fn chunked_equals_whole(make: &LayerFactory, tol: Tolerance) {
     assert_eq!(t, n);
     let err = relative_error(&chunked, &whole);
     assert!(err <= tol.paper_rel, "chunked vs whole: rel err {err:e}");
+}
+
+/// A layer that projects its rows ahead (`project`) gives, through `forward_projected`,
+/// exactly what `forward` gives on the same rows: outputs and conv states bit for bit, at
+/// decode and prefill sizes, both variants; a projection of the wrong size is an error.
+/// Returns the cases checked (0 when the layer does not project ahead).
+fn projected_equals_forward(make: &LayerFactory) -> usize {
+    let mut rng = TestRng::new(21);
+    let mut cases = 0;
+    for variant in [Variant::Paper, Variant::V41] {
+        let dims = random_dims(&mut rng, variant);
+        let cfg = config(variant, &dims);
+        let layer = make(cfg.clone(), 3, layer_weights(&mut rng, &cfg)).unwrap();
+        let (c, e) = (cfg.branch_channels(), cfg.embed_dim());
+        for max_len in [1, 6, 40] {
+            let batch = Batch::random(&mut rng, &cfg, max_len);
+            let t = batch.tokens();
+            let hidden = rng.uniform_vec(t * c, -2.0, 2.0);
+            let emb = match variant {
+                Variant::Paper => rng.uniform_vec(t * e, -1.0, 1.0),
+                Variant::V41 => v41_embeddings(&mut rng, t * e),
+            };
+            let dead: Option<Vec<bool>> =
+                (variant == Variant::V41).then(|| (0..t).map(|i| i % 3 == 1).collect());
+            let Some(mut kv) = layer.project(&emb).unwrap() else {
+                return 0;
+            };
+            let want = run(layer.as_ref(), &batch, &hidden, &emb, dead.as_deref());
+            let got = run_projected(layer.as_ref(), &batch, &hidden, &mut kv, dead.as_deref())
+                .expect("a well-formed forward_projected succeeds");
+            assert!(
+                same_bits(&got.out, &want.out),
+                "{variant:?} {dims:?}, {t} tokens: forward_projected differs from forward"
+            );
+            assert_eq!(
+                got.states, want.states,
+                "{variant:?} {dims:?}, {t} tokens: conv states differ"
+            );
+            let mut short = layer.project(&emb).unwrap().unwrap();
+            if short.pop().is_some() {
+                let e = run_projected(layer.as_ref(), &batch, &hidden, &mut short, dead.as_deref());
+                assert!(e.is_err(), "{variant:?}: a short projection was accepted");
+            }
+            cases += 1;
+        }
+    }
+    cases
 }
 
 /// An empty batch is fine and leaves a state alone; wrongly sized buffers, masks,
@@ -585,6 +660,7 @@ pub fn check_layer(make: &LayerFactory, tol: Tolerance) -> LayerReport {
     r.cases += 1;
     chunked_equals_whole(make, tol);
     errors_not_panics(make);
+    r.projected_cases = projected_equals_forward(make);
     r
 }
 

@@ -128,6 +128,13 @@ impl CpuLayer {
         Ok(())
     }
 
+    fn projection(&self) -> &matmul::Projection {
+        match &self.math {
+            Math::Paper(m) => m.projection(),
+            Math::V41(m) => m.projection(),
+        }
+    }
+
     /// The math, on checked arguments.
     fn run(
         &self,
@@ -175,6 +182,62 @@ impl EngramLayer for CpuLayer {
         )?;
         let mut s = self.scratch.take();
         self.run(hidden, embeddings, dead, segments, out, &mut s);
+        self.scratch.put(s);
+        Ok(())
+    }
+
+    /// The rows' projection, on the calling thread's pool (a fetcher's own). The output
+    /// equals what `forward` computes inside: the projection splits each token's
+    /// product into the same blocks of rows on any pool.
+    fn project(&self, embeddings: &[f32]) -> Result<Option<Vec<f32>>> {
+        let e = self.cfg.embed_dim();
+        if !embeddings.len().is_multiple_of(e) {
+            return Err(EngramError::shape(
+                "embeddings",
+                format!("a multiple of {e} (tokens x embed_dim)"),
+                embeddings.len(),
+            ));
+        }
+        let proj = self.projection();
+        let mut kv = vec![0f32; embeddings.len() / e * proj.out_dim()];
+        proj.apply(embeddings, &mut kv);
+        Ok(Some(kv))
+    }
+
+    fn forward_projected(
+        &self,
+        hidden: &[f32],
+        projected: &mut [f32],
+        dead: Option<&[bool]>,
+        segments: &mut [Segment<'_>],
+        out: &mut [f32],
+    ) -> Result<()> {
+        let tokens: usize = segments.iter().map(|s| s.len).sum();
+        let n = self.projection().out_dim();
+        if projected.len() != tokens * n {
+            return Err(EngramError::shape(
+                "projected rows",
+                format!("{tokens} tokens x {n} = {}", tokens * n),
+                projected.len(),
+            ));
+        }
+        // The embeddings' size stands in for the rows they were projected from.
+        check_forward_args(
+            &self.cfg,
+            hidden.len(),
+            tokens * self.cfg.embed_dim(),
+            dead,
+            segments,
+            out.len(),
+        )?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let mut s = self.scratch.take();
+        match &self.math {
+            Math::Paper(m) => m.forward_projected(hidden, projected, segments, out, &mut s),
+            Math::V41(m) => m.forward_projected(hidden, projected, dead, out),
+        }
         self.scratch.put(s);
         Ok(())
     }

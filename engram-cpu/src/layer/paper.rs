@@ -85,10 +85,30 @@ impl PaperLayer {
         out: &mut [f32],
         s: &mut Scratch,
     ) {
-        let (c, n) = (self.g * self.d, self.proj.out_dim());
+        let tokens = out.len() / (self.g * self.d);
+        let mut kv = std::mem::take(&mut s.kv);
+        let projected = sized(&mut kv, tokens * self.proj.out_dim());
+        self.proj.apply(embeddings, projected);
+        self.forward_projected(hidden, projected, segments, out, s);
+        s.kv = kv;
+    }
+
+    /// The rows' projection: keys of every branch, then the value, per token.
+    pub(crate) fn projection(&self) -> &Projection {
+        &self.proj
+    }
+
+    /// [`Self::forward`] from the rows' projection `kv` (`[tokens, (G + 1) * D]`).
+    pub(crate) fn forward_projected(
+        &self,
+        hidden: &[f32],
+        kv: &[f32],
+        segments: &mut [Segment<'_>],
+        out: &mut [f32],
+        s: &mut Scratch,
+    ) {
+        let c = self.g * self.d;
         let tokens = out.len() / c;
-        let kv = sized(&mut s.kv, tokens * n);
-        self.proj.apply(embeddings, kv);
         let z = sized(&mut s.z, tokens * c);
         self.gate_pass(kv, hidden, out, z);
 

@@ -52,10 +52,28 @@ impl V41Layer {
         out: &mut [f32],
         s: &mut Scratch,
     ) {
+        let tokens = out.len() / (self.g * self.d);
+        let kv = sized(&mut s.kv, tokens * self.proj.out_dim());
+        self.proj.apply(embeddings, kv);
+        self.forward_projected(hidden, kv, dead, out);
+    }
+
+    /// The rows' projection (`wkv`), per token.
+    pub(crate) fn projection(&self) -> &Projection {
+        &self.proj
+    }
+
+    /// [`Self::forward`] from the rows' projection `kv` (`[tokens, (G + 1) * D]`; the
+    /// per-token math rounds it in place).
+    pub(crate) fn forward_projected(
+        &self,
+        hidden: &[f32],
+        kv: &mut [f32],
+        dead: Option<&[bool]>,
+        out: &mut [f32],
+    ) {
         let (c, n) = (self.g * self.d, self.proj.out_dim());
         let tokens = out.len() / c;
-        let kv = sized(&mut s.kv, tokens * n);
-        self.proj.apply(embeddings, kv);
         // Dead tokens (image spans) pass through with gate 0.
         let token = |t: usize, o: &mut [f32], kv: &mut [f32], x: &[f32]| {
             if dead.is_some_and(|m| m[t]) {
