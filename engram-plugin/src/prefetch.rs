@@ -1,5 +1,8 @@
 //! The background row fetcher: one worker thread that gathers each layer's rows as soon
-//! as the step's hashes are known, so the host's earlier layers hide the table latency.
+//! as the step's hashes are known, so the host's earlier layers hide the table latency,
+//! and for a layer on the host also applies its projections to them
+//! (`EngramLayer::project`: they need no hidden state, and on a decode step their weights
+//! come from memory, not cache).
 //!
 //! The gathers run on a thread pool of the fetcher's own, not on rayon's global pool:
 //! the global pool's workers share cores with the host's compute, and a chunk of a gather
