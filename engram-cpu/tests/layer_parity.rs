@@ -168,9 +168,10 @@ fn bf16_calls_of_the_wrong_size_are_errors() {
 }
 
 /// Projected on a fetcher's one-thread pool (as the plugin's prefetch thread does), the
-/// rows give what `forward` gives on rayon's global pool, bit for bit: decode sizes (each
-/// token's product split into the same blocks of rows on any pool) and prefill sizes
-/// (the blocked GEMM). The demo's shape, so the products are large enough to split.
+/// rows give what `forward` gives on rayon's global pool, bit for bit: decode sizes (one
+/// product per token, spread over the pool from 2 tokens on) and prefill sizes (the
+/// blocked GEMM, split over the pool). The demo's shape, so the products are large enough
+/// for the pool paths.
 #[test]
 fn projecting_on_a_fetcher_pool_changes_no_bit() {
     let mut rng = TestRng::new(31);

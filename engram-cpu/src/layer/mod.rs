@@ -187,8 +187,9 @@ impl EngramLayer for CpuLayer {
     }
 
     /// The rows' projection, on the calling thread's pool (a fetcher's own). The output
-    /// equals what `forward` computes inside: the projection splits each token's
-    /// product into the same blocks of rows on any pool.
+    /// equals what `forward` computes inside on any pool: a per-token product runs on one
+    /// thread either way, and the blocked GEMM splits the output, not the sums
+    /// (`projecting_on_a_fetcher_pool_changes_no_bit`).
     fn project(&self, embeddings: &[f32]) -> Result<Option<Vec<f32>>> {
         let e = self.cfg.embed_dim();
         if !embeddings.len().is_multiple_of(e) {
